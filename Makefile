@@ -1,0 +1,28 @@
+# `make demo` and `make test` each work from a fresh clone: they create .venv if it is missing.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test install clean
+
+# On machines whose pip is capped (/etc/xdg/pip) torch 2.14.1 / torchvision 0.29.1 lie on local disk:
+# take exactly that pair there; elsewhere torch stays an ordinary dependency.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	if [ -d /etc/xdg/pip ]; then $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1; fi
+	$(PY) -m pip install -q -e ".[test,inception]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check fastdiff tests pipelines eval
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/fastdiff demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""fastdiff.eval (see DESIGN.md)."""

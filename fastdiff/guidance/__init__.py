@@ -1,0 +1,1 @@
+"""fastdiff.guidance (see DESIGN.md)."""

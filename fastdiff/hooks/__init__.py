@@ -1,0 +1,1 @@
+"""fastdiff.hooks (see DESIGN.md)."""

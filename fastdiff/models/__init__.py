@@ -1,0 +1,1 @@
+"""fastdiff.models (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""fastdiff.parallel (see DESIGN.md)."""

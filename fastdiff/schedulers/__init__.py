@@ -1,0 +1,1 @@
+"""fastdiff.schedulers (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""fastdiff.search (see DESIGN.md)."""
