@@ -1,0 +1,24 @@
+"""Shared fixtures. Every test runs offline: no hub access, ever."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    from fastdiff.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline()
