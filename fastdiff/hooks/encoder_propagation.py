@@ -1,0 +1,443 @@
+"""Faster Diffusion (Li et al. 2023, arXiv 2312.09608): encoder propagation, parallel decoding, noise injection.
+
+Attached to an unchanged diffusers pipeline through `diffusers.hooks.HookRegistry`:
+
+- a stateful hook on the `UNet2DConditionModel` counts the UNet calls of one pipeline call (one call per
+  denoising step: CFG batches both halves in one call) and decides, per step, key or non-key;
+- hooks on `conv_in`, every `down_blocks[i]` and `mid_block` (the "encoder") record their outputs at key
+  steps and return the recorded outputs at non-key steps, so that `UNet2DConditionModel.forward` itself runs
+  only the time/condition embeddings, the up blocks, `conv_norm_out` and `conv_out` there. ControlNet
+  residuals seen at the key step are re-fed at the non-key steps, so the decoder reads the skip features
+  "after ControlNet residuals are added", as in the paper;
+- a hook on the pipeline's ControlNet returns its key-step output at non-key steps without running.
+
+Parallel decoding: non-key decoders never read the latent, so at a key step the decoders of the whole
+following non-key group run as one batched UNet call (per-sample timesteps from `scheduler.timesteps`,
+chunked by `max_parallel_batch`), and the following steps are served from that batch.
+
+Prior noise injection (paper: before each step with t < tau, ``z <- z + alpha * z_T``, z_T the initial
+latent) is carried inside the normal loop: the UNet sees ``x + alpha * z_T`` and its output is shifted by
+``alpha * z_T * c`` with ``c = a_prev / (a_t * s_prev - a_prev * s_t)`` (``a = sqrt(alphas_cumprod)``,
+``s = sqrt(1 - alphas_cumprod)``, prev = the next timestep of the schedule), which makes the scheduler's
+update equal to the paper's update of the injected latent for any first-order solver of the form
+``z_prev = (a_prev / a_t) z + (s_prev - a_prev s_t / a_t) eps`` (deterministic DDIM, and the first-order
+step of DPM-Solver(++)); see `injection_eps_coefficient` and docs/encoder_propagation.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+HOOK_NAME = "fastdiff_encoder_propagation"
+
+# preset -> (the step count it was written for, its key step indices); Faster Diffusion's key steps.
+PRESETS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "fd50": (50, (0, 1, 2, 3, 5, 10, 15, 25, 35)),
+    "fd20": (20, (0, 1, 2, 3, 5, 10, 15)),
+}
+
+_RESIDUAL_KEYS = ("down_block_additional_residuals", "mid_block_additional_residual")
+
+
+@dataclass
+class EncoderPropagationConfig:
+    """Faster Diffusion (arXiv 2312.09608) encoder propagation settings.
+
+    Args:
+        key_steps (`list[int]`, `int` or `"fd50"` / `"fd20"`):
+            step indices (0 = noisiest) at which the whole UNet runs; an int k means every k-th step
+            (0, k, 2k, ...); a preset is the paper's list for 50 (`"fd50"`) or 20 (`"fd20"`) steps and, at
+            another step count N, becomes ``{floor(k * N / N_preset + 1/2)}`` (see `key_step_indices`).
+        parallel (`bool`, defaults to `False`):
+            decode each key step's following non-key steps in one batched pass (parallel decoding).
+        noise_injection_alpha (`float`, defaults to `0.0`):
+            prior noise injection strength alpha (paper: 0.003); 0 disables it.
+        noise_injection_tau (`float`, defaults to `500`):
+            inject while the timestep t < tau (training-timestep units, paper: 500).
+        max_parallel_batch (`int`, *optional*):
+            the most non-key steps decoded in one batched pass (the pass's batch is this times the UNet's
+            batch); `None` decodes a whole group at once.
+    """
+
+    key_steps: list[int] | int | Literal["fd50", "fd20"]
+    parallel: bool = False
+    noise_injection_alpha: float = 0.0
+    noise_injection_tau: float = 500
+    max_parallel_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        ks = self.key_steps
+        if isinstance(ks, str):
+            if ks not in PRESETS:
+                raise ValueError(f"key_steps preset {ks!r} is unknown: use one of {sorted(PRESETS)}, an int or a list.")
+        elif isinstance(ks, bool) or not isinstance(ks, (int, list, tuple)):
+            raise ValueError("key_steps must be a list of step indices, an int k (every k-th step) or 'fd50'/'fd20'.")
+        elif isinstance(ks, int):
+            if ks < 1:
+                raise ValueError(f"key_steps={ks}: an int key_steps is the interval k and must be >= 1.")
+        else:
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+                raise ValueError("key_steps must hold ints (step indices, 0 = first step).")
+            if any(k < 0 for k in ks):
+                raise ValueError(f"key_steps {list(ks)} has a negative index: step indices start at 0.")
+            if 0 not in ks:
+                raise ValueError(f"key_steps {list(ks)} must include step 0: the first step has no cached encoder.")
+            self.key_steps = sorted(set(ks))
+        if not isinstance(self.noise_injection_alpha, (int, float)) or self.noise_injection_alpha < 0:
+            raise ValueError(f"noise_injection_alpha={self.noise_injection_alpha} must be >= 0 (paper: 0.003).")
+        if self.noise_injection_tau < 0:
+            raise ValueError(f"noise_injection_tau={self.noise_injection_tau} must be >= 0 (paper: 500).")
+        if self.max_parallel_batch is not None and (
+            not isinstance(self.max_parallel_batch, int) or self.max_parallel_batch < 1
+        ):
+            raise ValueError(f"max_parallel_batch={self.max_parallel_batch} must be None or an int >= 1.")
+
+
+def key_step_indices(key_steps: Sequence[int] | int | str, num_steps: int) -> tuple[int, ...]:
+    """Faster Diffusion key steps: the sorted key step indices of a `num_steps`-step run (pure function).
+
+    A list is checked against the range; an int k gives 0, k, 2k, ...; a preset written for N_p steps
+    gives ``floor(k * num_steps / N_p + 1/2)`` for each of its indices k (duplicates merged).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be >= 1.")
+    if isinstance(key_steps, str):
+        base, indices = PRESETS[key_steps]
+        return tuple(sorted({min(num_steps - 1, math.floor(k * num_steps / base + 0.5)) for k in indices}))
+    if isinstance(key_steps, int):
+        return tuple(range(0, num_steps, key_steps))
+    bad = [k for k in key_steps if k >= num_steps]
+    if bad:
+        raise ValueError(f"key steps {bad} are out of range for {num_steps} steps (indices 0-{num_steps - 1}).")
+    return tuple(sorted(set(key_steps)))
+
+
+def injection_eps_coefficient(alpha_bar_t: float, alpha_bar_prev: float) -> float:
+    """Faster Diffusion prior noise injection carried by the epsilon prediction (pure function).
+
+    Returns c such that adding ``c * delta`` to the epsilon prediction makes the first-order update
+    ``z_prev = (a_prev / a_t) z + (s_prev - a_prev s_t / a_t) eps`` of the latent z equal to the same update
+    of the injected latent ``z + delta`` (with eps evaluated at ``z + delta``): ``c = a_prev / (a_t s_prev -
+    a_prev s_t)``, where ``a = sqrt(alpha_bar)`` and ``s = sqrt(1 - alpha_bar)``.
+    """
+    a_t, s_t = math.sqrt(alpha_bar_t), math.sqrt(1.0 - alpha_bar_t)
+    a_p, s_p = math.sqrt(alpha_bar_prev), math.sqrt(1.0 - alpha_bar_prev)
+    return a_p / (a_t * s_p - a_p * s_t)
+
+
+def _tile(value: Any, m: int) -> Any:
+    """Repeat every tensor in `value` (a tensor, or nested tuples/lists/dicts) m times along dim 0."""
+    if torch.is_tensor(value):
+        return value.repeat(m, *([1] * (value.ndim - 1)))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tile(v, m) for v in value)
+    if isinstance(value, dict):
+        return {k: _tile(v, m) for k, v in value.items()}
+    return value
+
+
+def _tile_batch(value: Any, batch: int, m: int) -> Any:
+    """Like `_tile`, but only for tensors whose dim 0 is the UNet batch (others are left as they are)."""
+    if torch.is_tensor(value):
+        return _tile(value, m) if value.ndim > 0 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tile_batch(v, batch, m) for v in value)
+    if isinstance(value, dict):
+        return {k: _tile_batch(v, batch, m) for k, v in value.items()}
+    return value
+
+
+def _with_sample(output: Any, sample: torch.Tensor) -> Any:
+    """`output` (a UNet2DConditionOutput or a tuple) with its sample replaced."""
+    if isinstance(output, tuple):
+        return (sample, *output[1:])
+    return type(output)(sample=sample)
+
+
+class _PropagationState:
+    """Per-pipeline-call state shared by the UNet, encoder-part and ControlNet hooks."""
+
+    def __init__(self, config: EncoderPropagationConfig, scheduler) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = 0
+        self.num_steps: int | None = None
+        self.keys: frozenset[int] = frozenset()
+        self.timesteps = None  # the scheduler.timesteps object of the running call
+        self.mode: Literal["off", "record", "serve", "tile"] = "off"
+        self.repeat = 1
+        self.features: dict[str, Any] = {}
+        self.residuals: dict[str, Any] = {}
+        self.decoded: dict[int, tuple[float, torch.Tensor]] = {}
+        self.z_T: torch.Tensor | None = None
+        self.controlnet_output: Any = None
+
+    def sync(self) -> int:
+        """Start a new call when the scheduler's timesteps changed (set_timesteps ran); return the step index."""
+        timesteps = self.scheduler.timesteps
+        if timesteps is None:
+            raise ValueError("the scheduler has no timesteps: call scheduler.set_timesteps(...) before the UNet.")
+        if self.timesteps is not timesteps:
+            self.reset()
+            self.timesteps = timesteps
+            self.num_steps = len(timesteps)
+            self.keys = frozenset(key_step_indices(self.config.key_steps, self.num_steps))
+        return self.step
+
+    def injection(self, step: int, timestep) -> float | None:
+        """The epsilon coefficient of noise injection at this step, or None when it does not apply."""
+        alpha = self.config.noise_injection_alpha
+        if alpha == 0 or float(timestep) >= self.config.noise_injection_tau:
+            return None
+        scheduler = self.scheduler
+        alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is None or float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+            raise ValueError(
+                f"noise injection needs a variance-preserving scheduler with alphas_cumprod (DDIM, DPM-Solver, ...); "
+                f"{type(scheduler).__name__} is not one: set noise_injection_alpha=0."
+            )
+        if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
+            raise ValueError("noise injection is implemented for epsilon prediction: set noise_injection_alpha=0.")
+        alpha_bar_t = float(alphas_cumprod[int(timestep)])
+        if step + 1 < self.num_steps:
+            alpha_bar_prev = float(alphas_cumprod[int(self.timesteps[step + 1])])
+        else:
+            alpha_bar_prev = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
+        return alpha * injection_eps_coefficient(alpha_bar_t, alpha_bar_prev)
+
+
+class EncoderPartHook(ModelHook):
+    """Faster Diffusion encoder part (conv_in, a down block, the mid block): record at key steps, replay otherwise."""
+
+    def __init__(self, state: _PropagationState, slot: str) -> None:
+        super().__init__()
+        self.state = state
+        self.slot = slot
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        mode = self.state.mode
+        if mode == "serve":
+            return self.state.features[self.slot]
+        if mode == "tile":
+            return _tile(self.state.features[self.slot], self.state.repeat)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if mode == "record":
+            self.state.features[self.slot] = output
+        return output
+
+
+class EncoderPropagationHook(ModelHook):
+    """Faster Diffusion encoder propagation on a UNet2DConditionModel: counts steps, runs key / non-key forwards."""
+
+    _is_stateful = True
+
+    def __init__(self, state: _PropagationState) -> None:
+        super().__init__()
+        self.state = state
+        self.signature: inspect.Signature | None = None
+        self.controlnet: torch.nn.Module | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.signature = inspect.signature(module.forward)
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.reset()
+        return module
+
+    def _run(self, mode: str, call: dict[str, Any], repeat: int = 1):
+        self.state.mode, self.state.repeat = mode, repeat
+        try:
+            return self.fn_ref.original_forward(**call)
+        finally:
+            self.state.mode, self.state.repeat = "off", 1
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state = self.state
+        step = state.sync()
+        bound = self.signature.bind(*args, **kwargs)
+        call = dict(bound.arguments)
+        sample, timestep = call["sample"], call["timestep"]
+        if step == 0:
+            state.z_T = sample.detach().clone()
+        coefficient = state.injection(step, timestep)
+        if coefficient is not None:
+            if state.z_T is None or state.z_T.shape != sample.shape:
+                raise ValueError("noise injection needs the same UNet batch at every step of a call.")
+            delta = state.config.noise_injection_alpha * state.z_T
+            call["sample"] = sample + delta
+
+        if step in state.keys:
+            state.residuals = {k: call.get(k) for k in _RESIDUAL_KEYS}
+            output = self._run("record", call)
+            if state.config.parallel:
+                self._decode_group(call, step)
+        elif step in state.decoded and state.decoded[step][0] == float(timestep):
+            output = _with_sample(self._output_template(call), state.decoded.pop(step)[1])
+        else:
+            call.update(state.residuals)
+            if "down_intrablock_additional_residuals" in call:
+                call["down_intrablock_additional_residuals"] = None  # already inside the recorded features
+            output = self._run("serve", call)
+
+        if coefficient is not None:
+            output = _with_sample(output, output[0] + coefficient * state.z_T)
+        state.step += 1
+        if state.step >= state.num_steps:
+            state.reset()
+        return output
+
+    @staticmethod
+    def _output_template(call: dict[str, Any]):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return (None,) if not call.get("return_dict", True) else UNet2DConditionOutput(sample=None)
+
+    def _decode_group(self, call: dict[str, Any], key: int) -> None:
+        """Run the decoders of the non-key steps after `key` in batched passes; keep their outputs by step."""
+        state = self.state
+        group = []
+        for j in range(key + 1, state.num_steps):
+            if j in state.keys:
+                break
+            group.append(j)
+        chunk = state.config.max_parallel_batch or max(1, len(group))
+        sample = call["sample"]
+        batch = sample.shape[0]
+        for start in range(0, len(group), chunk):
+            steps = group[start : start + chunk]
+            m = len(steps)
+            timesteps = state.timesteps[steps].to(sample.device)
+            tiled = {k: _tile_batch(v, batch, m) for k, v in call.items() if k not in ("sample", "timestep")}
+            tiled.update({k: _tile(v, m) for k, v in state.residuals.items()})
+            tiled["sample"] = sample[:1].expand(m * batch, *sample.shape[1:])
+            tiled["timestep"] = timesteps.repeat_interleave(batch)
+            tiled["return_dict"] = False
+            if "down_intrablock_additional_residuals" in tiled:
+                tiled["down_intrablock_additional_residuals"] = None
+            out = self._run("tile", tiled, repeat=m)[0]
+            for j, t, piece in zip(steps, timesteps.tolist(), out.chunk(m)):
+                state.decoded[j] = (float(t), piece)
+
+
+class ControlNetPropagationHook(ModelHook):
+    """Faster Diffusion for ControlNet: run the ControlNet at key steps only, replay its residuals otherwise."""
+
+    _is_stateful = True
+
+    def __init__(self, state: _PropagationState) -> None:
+        super().__init__()
+        self.state = state
+        self.signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.signature = inspect.signature(module.forward)
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.reset()
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state = self.state
+        step = state.sync()
+        if step not in state.keys and state.controlnet_output is not None:
+            return state.controlnet_output
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if state.z_T is not None and state.injection(step, timestep) is not None:
+            call = dict(self.signature.bind(*args, **kwargs).arguments)
+            sample = call["sample"]
+            call["sample"] = sample + state.config.noise_injection_alpha * state.z_T[: sample.shape[0]]
+            args, kwargs = (), call
+        state.controlnet_output = self.fn_ref.original_forward(*args, **kwargs)
+        return state.controlnet_output
+
+
+def _components(pipe_or_unet, scheduler) -> tuple[torch.nn.Module, Any, torch.nn.Module | None]:
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    controlnet = getattr(pipe_or_unet, "controlnet", None) if unet is not pipe_or_unet else None
+    if scheduler is None and unet is not pipe_or_unet:
+        scheduler = getattr(pipe_or_unet, "scheduler", None)
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(
+            f"encoder propagation handles diffusers' UNet2DConditionModel (or a pipeline with one as .unet); "
+            f"got {type(unet).__name__}. Apply it before torch.compile."
+        )
+    if scheduler is None or not hasattr(scheduler, "timesteps"):
+        raise ValueError("encoder propagation needs the scheduler driving the UNet: pass scheduler=... with a UNet.")
+    return unet, scheduler, controlnet
+
+
+def apply_encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, scheduler=None) -> None:
+    """Faster Diffusion (arXiv 2312.09608) encoder propagation: attach it to a pipeline or a UNet via HookRegistry.
+
+    Args:
+        pipe_or_unet: a pipeline with `.unet` (a `UNet2DConditionModel`) and `.scheduler` (and optionally
+            `.controlnet`, hooked too), or a `UNet2DConditionModel` together with `scheduler`.
+        config (`EncoderPropagationConfig`): key steps, parallel decoding and noise injection.
+        scheduler: the scheduler driving the UNet; taken from the pipeline when a pipeline is given.
+
+    Example:
+        >>> from fastdiff.testing import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> apply_encoder_propagation(pipe, EncoderPropagationConfig(key_steps="fd50", parallel=True))
+        >>> image = pipe("a red cube", num_inference_steps=50, height=64, width=64).images[0]
+        >>> remove_encoder_propagation(pipe)
+    """
+    if not isinstance(config, EncoderPropagationConfig):
+        raise ValueError("config must be an EncoderPropagationConfig.")
+    unet, scheduler, controlnet = _components(pipe_or_unet, scheduler)
+    registry = HookRegistry.check_if_exists_or_initialize(unet)
+    if registry.get_hook(HOOK_NAME) is not None:
+        raise ValueError("encoder propagation is already applied: call remove_encoder_propagation first.")
+    state = _PropagationState(config, scheduler)
+    parts = [("conv_in", unet.conv_in)]
+    parts += [(f"down_blocks.{i}", block) for i, block in enumerate(unet.down_blocks)]
+    if unet.mid_block is not None:
+        parts.append(("mid_block", unet.mid_block))
+    for slot, module in parts:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(EncoderPartHook(state, slot), HOOK_NAME)
+    hook = EncoderPropagationHook(state)
+    registry.register_hook(hook, HOOK_NAME)
+    if controlnet is not None:
+        controlnet_registry = HookRegistry.check_if_exists_or_initialize(controlnet)
+        controlnet_registry.register_hook(ControlNetPropagationHook(state), HOOK_NAME)
+        hook.controlnet = controlnet
+    registry.invalidate_child_registries_cache()
+
+
+def remove_encoder_propagation(pipe_or_unet) -> None:
+    """Faster Diffusion encoder propagation: detach all hooks `apply_encoder_propagation` attached; reset state."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    registry = getattr(unet, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    if hook is None:
+        return
+    hook.state.reset()
+    if hook.controlnet is not None and hasattr(hook.controlnet, "_diffusers_hook"):
+        hook.controlnet._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+    registry.remove_hook(HOOK_NAME, recurse=True)
+    registry.invalidate_child_registries_cache()
+
+
+@contextlib.contextmanager
+def encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, scheduler=None) -> Iterator[None]:
+    """Faster Diffusion encoder propagation inside a `with` block; removed on exit (also on error)."""
+    apply_encoder_propagation(pipe_or_unet, config, scheduler=scheduler)
+    try:
+        yield
+    finally:
+        remove_encoder_propagation(pipe_or_unet)
