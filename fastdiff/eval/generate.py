@@ -1,0 +1,465 @@
+"""Seeded, sharded, resumable image generation (EDM-style per-seed sampling, Karras et al. 2022) for FD sweeps.
+
+Image i always uses seed `base_seed + i` through its own `torch.Generator` (on CPU, so the noise is the
+same on every device), and the class label `i % 10` (reference model) or prompt `i % len(prompts)`.
+Indices are cut into fixed chunks of `batch_size` ([0, B), [B, 2B), ...) and chunk c goes to rank
+`c % world_size`, so every image is computed in the same batch whatever the number of processes: one
+process and two `torchrun` processes give bit-identical PNGs (with the same thread settings).
+
+Files are `{index:06d}.png`, written atomically (temporary file + `os.replace`). A re-run recomputes
+only the chunks that hold a missing or unreadable file and rewrites only those files, so a killed run
+finished later equals an uninterrupted one. `generation.json` in the folder records the method, seed
+and batch size (a different method in the same folder is an error) and the timing of the run.
+
+Scale-out is torch.distributed as is: `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu
+--num_processes N` (both set WORLD_SIZE/RANK; gloo on CPU, NCCL on GPU). On CPU, `accelerate launch
+--cpu` starts one process only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdiff.eval.methods import ACCELERATORS, MethodSpec
+
+__all__ = [
+    "GenerationResult",
+    "generate_images",
+    "sharded_features",
+    "init_distributed",
+    "load_pipeline",
+    "index_chunks",
+    "image_path",
+    "is_valid_image",
+    "hardware_description",
+]
+
+RECORD = "generation.json"
+
+
+# -- torch.distributed --------------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size); starts the default process group when launched by torchrun/accelerate."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather_objects(obj) -> list:
+    if not _distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -- files --------------------------------------------------------------------------------------------
+def image_path(folder: str | Path, index: int) -> Path:
+    return Path(folder) / f"{index:06d}.png"
+
+
+def is_valid_image(path: Path) -> bool:
+    """True when `path` exists and decodes completely."""
+    import PIL.Image
+
+    if not path.is_file():
+        return False
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
+
+
+def _write_png_atomic(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _to_pil(images) -> list:
+    """Pipeline output images (PIL list, array (B, H, W, C) or tensor (B, C, H, W) in [0, 1]) -> PIL list."""
+    import PIL.Image
+
+    if isinstance(images, list) and images and isinstance(images[0], PIL.Image.Image):
+        return images
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().float().permute(0, 2, 3, 1).numpy()
+    arr = (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8)
+    return [PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def index_chunks(n: int, batch_size: int) -> list[list[int]]:
+    """The fixed chunks [0, B), [B, 2B), ... of range(n)."""
+    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+
+
+# -- pipelines ----------------------------------------------------------------------------------------
+def load_pipeline(model: str = "reference", device: str = "cpu"):
+    """`reference` (the shipped digit model) or any diffusers model id / folder (offline if not cached)."""
+    if model == "reference":
+        from fastdiff.models import load_reference_pipeline
+
+        pipe = load_reference_pipeline(device=device)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def conditioning(pipe, prompts: Sequence[str] | None = None) -> Callable[[list[int]], dict]:
+    """index list -> pipeline kwargs: class label i % 10 (label-conditioned pipelines) or prompt i % P."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    if prompts:
+        prompts = list(prompts)
+        return lambda idx: {"prompt": [prompts[i % len(prompts)] for i in idx]}
+    if "class_labels" in params:
+        return lambda idx: {"class_labels": [i % 10 for i in idx]}
+    if "prompt" in params:
+        raise ValueError("this pipeline takes prompts: give a prompts file (one prompt per line).")
+    return lambda idx: {"batch_size": len(idx)} if "batch_size" in params else {}
+
+
+def hardware_description() -> str:
+    """CPU model and core count, or the CUDA device names."""
+    if torch.cuda.is_available():
+        return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+
+
+class _CallCounter:
+    """A diffusers ModelHook (via HookRegistry) that counts forward calls of the denoiser."""
+
+    NAME = "fastdiff_eval_call_counter"
+
+    def __init__(self, module) -> None:
+        from diffusers.hooks import HookRegistry, ModelHook
+
+        counter = self
+
+        class _Hook(ModelHook):
+            def pre_forward(self, module, *args, **kwargs):
+                counter.calls += 1
+                return args, kwargs
+
+        self.calls = 0
+        self.module = module
+        if module is not None:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_Hook(), self.NAME)
+
+    def remove(self) -> None:
+        if self.module is not None:
+            self.module._diffusers_hook.remove_hook(self.NAME, recurse=False)
+
+
+# -- generation ---------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    """What one `generate_images` call did: counts, timing (whole world), NFE, denoiser calls, memory."""
+
+    folder: str
+    n: int
+    computed: int  # images computed by this run (whole chunks), all ranks
+    written: int  # files (re)written by this run, all ranks
+    wall_s: float  # wall time of the generation loop (slowest rank)
+    s_per_image: float | None  # wall_s / computed, or the earlier run's when nothing was computed
+    images_per_s: float | None
+    nfe: int
+    unet_calls: float | None  # denoiser forward calls per sampling call (one batch)
+    peak_mem_mb: float
+    peak_mem_kind: str
+    world_size: int
+    batch_size: int
+    hardware: str
+
+
+def _identity(method: MethodSpec, base_seed: int, batch_size: int, prompts) -> dict:
+    return {
+        "method": method.to_dict(),
+        "base_seed": base_seed,
+        "batch_size": batch_size,
+        "prompts": list(prompts) if prompts else None,
+    }
+
+
+def generate_images(
+    pipe,
+    method: MethodSpec,
+    folder: str | Path,
+    n: int,
+    base_seed: int = 0,
+    batch_size: int = 16,
+    prompts: Sequence[str] | None = None,
+    pipe_kwargs: dict | None = None,
+    progress: bool = True,
+) -> GenerationResult:
+    """Write images 0..n-1 of `method` to `folder` as {index:06d}.png; skip the ones already valid.
+
+    Call it in every process of a torchrun/accelerate launch (it starts the process group itself when
+    WORLD_SIZE > 1); each rank computes its chunks; patch-parallel methods compute every chunk on every
+    rank and rank 0 writes. Returns the same `GenerationResult` on every rank.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}.")
+    rank, world = init_distributed()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = _identity(method, base_seed, batch_size, prompts)
+    record_path = folder / RECORD
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is not None and {k: record.get(k) for k in identity} != identity:
+        raise ValueError(
+            f"{folder} holds images of another method, seed or batch size ({record_path}); "
+            "use a new output folder or delete this one."
+        )
+    _barrier()
+    if rank == 0:
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        if record is None:
+            record_path.write_text(json.dumps(identity, indent=2) + "\n")
+    _barrier()
+
+    split = method.patch_parallel is None
+    chunks = [c for k, c in enumerate(index_chunks(n, batch_size)) if not split or k % world == rank]
+    pending = [(c, [i for i in c if not is_valid_image(image_path(folder, i))]) for c in chunks]
+    pending = [(c, todo) for c, todo in pending if todo]
+    writer = rank == 0 or split
+    cond = conditioning(pipe, prompts)
+    device = pipe.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    computed = written = batches = 0
+    counter = None
+    bar = None
+    if progress and rank == 0 and pending:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(c) for c, _ in pending), desc=f"{method.name} (rank 0/{world})", unit="img")
+    start = time.perf_counter()
+    try:
+        with method.apply(pipe) as sample:
+            # registered last = outermost: counts the pipeline's calls of its denoiser
+            counter = _CallCounter(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None))
+            try:
+                for chunk, todo in pending:
+                    generators = [torch.Generator("cpu").manual_seed(base_seed + i) for i in chunk]
+                    out = sample(**cond(chunk), generator=generators, output_type="pil", **(pipe_kwargs or {}))
+                    images = _to_pil(out.images if hasattr(out, "images") else out[0])
+                    if len(images) != len(chunk):
+                        raise RuntimeError(f"the pipeline returned {len(images)} images for {len(chunk)} seeds.")
+                    if writer:
+                        for i in todo:
+                            _write_png_atomic(images[chunk.index(i)], image_path(folder, i))
+                        written += len(todo)
+                    computed += len(chunk)
+                    batches += 1
+                    if bar is not None:
+                        bar.update(len(chunk))
+            finally:
+                counter.remove()
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - start
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+    calls = counter.calls if counter is not None else 0
+    stats = _gather_objects(
+        {"computed": computed, "written": written, "wall": wall, "calls": calls, "batches": batches, "peak": peak}
+    )
+    if split:
+        computed = sum(s["computed"] for s in stats)
+        written = sum(s["written"] for s in stats)
+    wall = max(s["wall"] for s in stats)
+    total_batches = sum(s["batches"] for s in stats)
+    unet_calls = sum(s["calls"] for s in stats) / total_batches if total_batches else None
+    peak = max(s["peak"] for s in stats)
+
+    timing = {"computed": computed, "wall_s": wall, "unet_calls": unet_calls, "world_size": world}
+    previous = (record or {}).get("timing")
+    if previous and previous.get("computed", 0) >= computed:
+        timing = previous  # keep the timing of the run that computed the most images
+    s_per_image = timing["wall_s"] / timing["computed"] if timing["computed"] else None
+    result = GenerationResult(
+        folder=str(folder),
+        n=n,
+        computed=computed,
+        written=written,
+        wall_s=timing["wall_s"],
+        s_per_image=s_per_image,
+        images_per_s=1 / s_per_image if s_per_image else None,
+        nfe=method.num_steps(),
+        unet_calls=timing["unet_calls"],
+        peak_mem_mb=peak,
+        peak_mem_kind=kind,
+        world_size=timing["world_size"],
+        batch_size=batch_size,
+        hardware=hardware_description(),
+    )
+    _barrier()
+    if rank == 0:
+        tmp = record_path.with_name(RECORD + ".tmp")
+        tmp.write_text(json.dumps({**identity, "timing": timing}, indent=2) + "\n")
+        os.replace(tmp, record_path)
+    _barrier()
+    return result
+
+
+def sharded_features(folder: str | Path, n: int, extractor, batch_size: int = 64) -> np.ndarray:
+    """Features (n, d) of images 0..n-1 in `folder`, computed by chunks over the ranks, gathered in order."""
+    from fastdiff.eval.features import get_extractor, load_images
+
+    if isinstance(extractor, str):
+        extractor = get_extractor(extractor)
+    if n < 2:
+        raise ValueError(f"need at least N = 2 images for FD, got N = {n}.")
+    rank, world = init_distributed()
+    mine = {}
+    for k, chunk in enumerate(index_chunks(n, batch_size)):
+        if k % world != rank:
+            continue
+        missing = [i for i in chunk if not image_path(folder, i).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{image_path(folder, missing[0])} is missing: generate the images first.")
+        mine[k] = extractor(load_images([image_path(folder, i) for i in chunk]))
+    parts: dict[int, np.ndarray] = {}
+    for shard in _gather_objects(mine):
+        parts.update(shard)
+    return np.concatenate([parts[k] for k in sorted(parts)])
+
+
+# -- `fastdiff sample` --------------------------------------------------------------------------------
+def _json_arg(text: str):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({err})") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.replace(",", " ").split()]
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that build a `MethodSpec` (shared by `fastdiff sample`)."""
+    g = parser.add_argument_group("method")
+    g.add_argument("--scheduler", default="DDIMScheduler", help="diffusers scheduler class or fastdiff's")
+    g.add_argument("--scheduler-kwargs", type=_json_arg, default={}, metavar="JSON")
+    steps = g.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help="number of inference steps (default 20)")
+    steps.add_argument("--timesteps", type=_int_list, help="explicit timesteps, e.g. 999,749,499,249")
+    steps.add_argument("--schedule", help="schedule JSON (e.g. from `fastdiff search`)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--eta", type=float, default=None)
+    for key in ACCELERATORS:
+        g.add_argument(f"--{key.replace('_', '-')}", type=_json_arg, default=None, metavar="JSON")
+    g.add_argument("--name", default=None, help="method label (default: scheduler-steps)")
+
+
+def method_from_args(args: argparse.Namespace) -> MethodSpec:
+    steps = args.steps if args.timesteps is None and args.schedule is None and args.steps else None
+    if args.timesteps is None and args.schedule is None and steps is None:
+        steps = 20
+    name = args.name or f"{args.scheduler.removesuffix('Scheduler')}-{steps or 'custom'}"
+    return MethodSpec(
+        name=name,
+        scheduler=args.scheduler,
+        scheduler_kwargs=args.scheduler_kwargs,
+        steps=steps,
+        timesteps=args.timesteps,
+        schedule=args.schedule,
+        guidance=args.guidance,
+        eta=args.eta,
+        **{key: getattr(args, key) for key in ACCELERATORS},
+    )
+
+
+def read_prompts(path: str | Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one per line).")
+    return prompts
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="reference", help="`reference` or a diffusers model id / folder")
+    parser.add_argument("--prompts", default=None, help="text file, one prompt per line (text-to-image models)")
+    parser.add_argument("--n", type=int, default=16, help="number of images")
+    parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", required=True, help="output folder ({index:06d}.png)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_method_arguments(parser)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """`fastdiff sample`: seeded images of one method into a folder (resumable; works under torchrun)."""
+    try:
+        method = method_from_args(args)
+        prompts = read_prompts(args.prompts)
+        rank, _ = init_distributed()
+        device = f"cuda:{rank % torch.cuda.device_count()}" if args.device == "cuda" else args.device
+        pipe = load_pipeline(args.model, device)
+        result = generate_images(pipe, method, args.out, args.n, args.seed, args.batch_size, prompts)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fastdiff sample: {err}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(json.dumps(asdict(result), indent=2))
+    return 0

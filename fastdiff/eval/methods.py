@@ -1,0 +1,242 @@
+"""Sampling method specs for the eval harness: scheduler + steps/timesteps + guidance + accelerators, validated.
+
+A method is one row of a sweep (`[[methods]]` in a sweep TOML, or flags of `fastdiff sample`):
+
+    name = "DPM++-10"                      # label in tables and plots
+    scheduler = "DPMSolverMultistepScheduler"   # any diffusers scheduler class, or fastdiff's
+                                           # DPMSolverPlusPlusScheduler / DPMSolverPlusPlusSinglestepScheduler
+    scheduler_kwargs = { solver_order = 2 }     # passed to `from_config(pipe.scheduler.config, **kwargs)`
+    steps = 10                             # or: timesteps = [999, 749, ...]   or: schedule = "schedule.json"
+    guidance = 1.0                         # classifier-free guidance scale (default: the model's)
+    eta = 0.0                              # DDIM eta, passed when the scheduler's `step` takes it
+    encoder_propagation = { key_steps = "fd50", parallel = true }   # fastdiff.hooks (Faster Diffusion)
+    patch_parallel = { mode = "async", warmup_steps = 4 }           # fastdiff.parallel (DistriFusion / PCPP)
+    svdd = { reward = "jpeg_compressibility", num_candidates = 8 }  # fastdiff.guidance (SVDD)
+
+Accelerators are applied only through their public API (DESIGN.md) and imported lazily; a method that
+names one whose module is not importable yet is rejected with a clear error at validation time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import inspect
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MethodSpec", "method_from_dict", "scheduler_class", "FASTDIFF_SCHEDULERS"]
+
+FASTDIFF_SCHEDULERS = ("DPMSolverPlusPlusScheduler", "DPMSolverPlusPlusSinglestepScheduler")
+
+# accelerator key -> (module, names it must export, how to describe it)
+ACCELERATORS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "encoder_propagation": (
+        "fastdiff.hooks",
+        ("EncoderPropagationConfig", "encoder_propagation"),
+        "encoder propagation",
+    ),
+    "patch_parallel": (
+        "fastdiff.parallel",
+        ("PatchParallelConfig", "enable_patch_parallel", "disable_patch_parallel"),
+        "patch parallelism",
+    ),
+    "svdd": ("fastdiff.guidance", ("SVDDConfig", "svdd_sample", "rewards"), "SVDD guidance"),
+}
+
+
+def _import_accelerator(key: str):
+    module_name, names, what = ACCELERATORS[key]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"method option {key!r}: {what} is not available yet ({module_name}: {err}).") from err
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        raise ValueError(
+            f"method option {key!r}: {what} is not available yet in fastdiff ({module_name} lacks "
+            f"{', '.join(missing)}); remove the option from the method."
+        )
+    return module
+
+
+def scheduler_class(name: str):
+    """The scheduler class called `name`: fastdiff's DPM-Solver++ schedulers or any diffusers scheduler."""
+    if name in FASTDIFF_SCHEDULERS:
+        try:
+            return getattr(importlib.import_module("fastdiff.schedulers"), name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"scheduler {name!r} is not available yet in fastdiff.schedulers.") from err
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        known = [n for n in dir(diffusers) if n.endswith("Scheduler")] + list(FASTDIFF_SCHEDULERS)
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " Use a diffusers scheduler class name."
+        raise ValueError(f"unknown scheduler {name!r}.{hint}")
+    return cls
+
+
+def _load_schedule_timesteps(path: Path) -> list[int]:
+    if not path.is_file():
+        raise ValueError(f"schedule file {path} does not exist.")
+    try:
+        from fastdiff.schedulers.schedules import load_schedule
+    except ImportError:
+        load_schedule = None
+    if load_schedule is not None:
+        loaded = load_schedule(path)
+        loaded = getattr(loaded, "timesteps", loaded)
+        if isinstance(loaded, dict):
+            loaded = loaded.get("timesteps")
+    else:
+        data = json.loads(path.read_text())
+        loaded = data.get("timesteps") if isinstance(data, dict) else data
+    if not isinstance(loaded, (list, tuple)) or not loaded:
+        raise ValueError(f"schedule file {path} has no 'timesteps' list.")
+    return [int(t) for t in loaded]
+
+
+@dataclass
+class MethodSpec:
+    """One sampling method: scheduler, step count or explicit timesteps, guidance and accelerator options."""
+
+    name: str
+    scheduler: str = "DDIMScheduler"
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    timesteps: list[int] | None = None
+    schedule: str | None = None
+    guidance: float | None = None
+    eta: float | None = None
+    encoder_propagation: dict[str, Any] | None = None
+    patch_parallel: dict[str, Any] | None = None
+    svdd: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("a method needs a non-empty `name`.")
+        given = [k for k in ("steps", "timesteps", "schedule") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"method {self.name!r}: give exactly one of steps, timesteps, schedule (got {given}).")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"method {self.name!r}: steps must be a positive int, got {self.steps!r}.")
+        if self.timesteps is not None:
+            ts = [int(t) for t in self.timesteps]
+            if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0:
+                raise ValueError(f"method {self.name!r}: timesteps must be a non-empty decreasing list of ints >= 0.")
+            self.timesteps = ts
+        if self.schedule is not None:
+            _load_schedule_timesteps(Path(self.schedule))
+        if self.guidance is not None and self.guidance < 0:
+            raise ValueError(f"method {self.name!r}: guidance must be >= 0.")
+        if not isinstance(self.scheduler_kwargs, dict):
+            raise ValueError(f"method {self.name!r}: scheduler_kwargs must be a table of keyword arguments.")
+        scheduler_class(self.scheduler)
+        for key in ACCELERATORS:
+            options = getattr(self, key)
+            if options is None:
+                continue
+            if not isinstance(options, dict):
+                raise ValueError(f"method {self.name!r}: {key} must be a table of options.")
+            self._accelerator_config(key)  # imports and validates the options now
+
+    # -- what the sampler needs ------------------------------------------------------------------
+    def sampling_timesteps(self) -> list[int] | None:
+        """Explicit timesteps (from `timesteps` or the schedule file), or None when `steps` is used."""
+        if self.schedule is not None:
+            return _load_schedule_timesteps(Path(self.schedule))
+        return self.timesteps
+
+    def num_steps(self) -> int:
+        ts = self.sampling_timesteps()
+        return len(ts) if ts is not None else int(self.steps)
+
+    @property
+    def accelerators(self) -> list[str]:
+        return [k for k in ACCELERATORS if getattr(self, k) is not None]
+
+    def _accelerator_config(self, key: str):
+        module = _import_accelerator(key)
+        options = dict(getattr(self, key))
+        try:
+            if key == "encoder_propagation":
+                return module.EncoderPropagationConfig(**options)
+            if key == "patch_parallel":
+                return module.PatchParallelConfig(**options)
+            reward = options.pop("reward", None)
+            if not isinstance(reward, str) or not callable(getattr(module.rewards, reward, None)):
+                raise ValueError(
+                    f"svdd needs reward = <name of a function in fastdiff.guidance.rewards>, got {reward!r}"
+                )
+            return getattr(module.rewards, reward), module.SVDDConfig(**options)
+        except TypeError as err:
+            raise ValueError(f"method {self.name!r}: bad {key} options {options}: {err}.") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) not in (None, {})}
+
+    @contextlib.contextmanager
+    def apply(self, pipe) -> Iterator[Callable[..., Any]]:
+        """Install the method on `pipe` (scheduler, accelerators); yield `sample(**pipe_kwargs)`; undo it all.
+
+        `sample` calls `pipe(...)` (or `svdd_sample(pipe, ...)`) with the method's steps or timesteps,
+        guidance and eta added to the given keyword arguments.
+        """
+        original = pipe.scheduler
+        pipe.scheduler = scheduler_class(self.scheduler).from_config(original.config, **self.scheduler_kwargs)
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.encoder_propagation is not None:
+                    hooks = _import_accelerator("encoder_propagation")
+                    stack.enter_context(
+                        hooks.encoder_propagation(pipe, self._accelerator_config("encoder_propagation"))
+                    )
+                if self.patch_parallel is not None:
+                    parallel = _import_accelerator("patch_parallel")
+                    parallel.enable_patch_parallel(pipe, self._accelerator_config("patch_parallel"))
+                    stack.callback(parallel.disable_patch_parallel, pipe)
+                yield self._sampler(pipe)
+        finally:
+            pipe.scheduler = original
+
+    def _sampler(self, pipe) -> Callable[..., Any]:
+        accepted = set(inspect.signature(pipe.__call__).parameters)
+        extra: dict[str, Any] = {}
+        timesteps = self.sampling_timesteps()
+        if timesteps is not None:
+            extra["timesteps"] = timesteps
+        else:
+            extra["num_inference_steps"] = self.steps
+        if self.guidance is not None:
+            extra["guidance_scale"] = self.guidance
+        if self.eta is not None:
+            if "eta" not in accepted:
+                raise ValueError(f"method {self.name!r}: this pipeline's __call__ takes no `eta`.")
+            extra["eta"] = self.eta
+        if self.svdd is None:
+            return lambda **kwargs: pipe(**kwargs, **extra)
+        guidance = _import_accelerator("svdd")
+        reward_fn, config = self._accelerator_config("svdd")
+        return lambda **kwargs: guidance.svdd_sample(pipe, reward_fn=reward_fn, config=config, **kwargs, **extra)
+
+
+def method_from_dict(data: dict[str, Any]) -> MethodSpec:
+    """A `MethodSpec` from a TOML/JSON table; unknown keys are rejected, naming the allowed ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a method must be a table, got {type(data).__name__}.")
+    allowed = [f.name for f in fields(MethodSpec)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"method {data.get('name', '?')!r}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}."
+        )
+    if "name" not in data:
+        raise ValueError(f"method {data}: missing `name`.")
+    return MethodSpec(**data)
