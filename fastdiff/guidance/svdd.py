@@ -27,7 +27,7 @@ from diffusers.utils import BaseOutput
 
 from fastdiff.guidance.rewards import validate_reward
 
-__all__ = ["SVDDConfig", "SVDDOutput", "svdd_sample", "select_candidates", "predict_x0"]
+__all__ = ["SVDDConfig", "SVDDOutput", "svdd_sample", "select_candidates", "predict_x0", "decode_latents"]
 
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
 ValueFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -277,13 +277,8 @@ def _prepare_stable_diffusion(pipe, kw: dict, xl: bool) -> _Prepared:
     latents = pipe.prepare_latents(len(embeds), pipe.unet.config.in_channels, height, width, embeds.dtype, device,
                                    generator, kw.get("latents"))
 
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        vae = pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
     denoiser = _GuidedDenoiser(pipe.unet, pipe.scheduler, guidance_scale, cond, uncond, added)
-    return _Prepared(denoiser, latents, timesteps, generator, kw.get("eta", 0.0), decode)
+    return _Prepared(denoiser, latents, timesteps, generator, kw.get("eta", 0.0), lambda x: _vae_decode(pipe, x))
 
 
 def _prepare(pipe, kw: dict) -> _Prepared:
@@ -299,6 +294,23 @@ def _prepare(pipe, kw: dict) -> _Prepared:
     raise TypeError(
         f"svdd_sample supports ReferencePipeline and StableDiffusion(XL)Pipeline, not {type(pipe).__name__}."
     )
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """The pipeline's own decode: latents -> images (B, C, H, W) in [0, 1] (pixel shuffle or VAE)."""
+    from fastdiff.models.pipeline import ReferencePipeline
+    from fastdiff.models.unet import decode
+
+    if isinstance(pipe, ReferencePipeline):
+        return decode(latents.float())
+    return _vae_decode(pipe, latents)
+
+
+def _vae_decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 def _step_kwargs(scheduler, generator, eta: float, num_candidates: int) -> dict:

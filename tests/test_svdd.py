@@ -1,0 +1,275 @@
+"""SVDD (fastdiff.guidance): exact reduction to the plain pipelines, CFG layout, multistep history, selection maths,
+rewards and their validation, and the SVDD-MC value network. Tiny random-weight models, CPU, offline."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from fastdiff.guidance import SVDDConfig, rewards, select_candidates, svdd_sample
+from fastdiff.guidance.svdd import _prepare, predict_x0
+from fastdiff.models import train as reference_train
+
+
+def _gens(n: int, base: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(base + i) for i in range(n)]
+
+
+def brightness(images: torch.Tensor) -> torch.Tensor:
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def reference_pipe():
+    from fastdiff.models.pipeline import ReferencePipeline
+    from fastdiff.models.unet import build_reference_unet
+
+    pipe = ReferencePipeline(unet=build_reference_unet().eval(),
+                             scheduler=DDIMScheduler(**reference_train.SCHEDULER_CONFIG))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _scheduler(kind: str, config):
+    if kind == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if kind == "sde-dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++")
+    return DDIMScheduler.from_config(config)
+
+
+QUIET = dict(show_progress=False)
+
+
+# --- M = 1, alpha = 0 is the plain pipeline, bit for bit -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim-eta1"])
+def test_m1_reproduces_reference_pipeline(reference_pipe, kind):
+    reference_pipe.scheduler = _scheduler(kind, reference_train.SCHEDULER_CONFIG)
+    kw = dict(class_labels=[1, 7, 3], guidance_scale=2.0, num_inference_steps=5, eta=1.0)
+    plain = reference_pipe(**kw, generator=_gens(3), output_type="pt").images
+    out = svdd_sample(reference_pipe, brightness, SVDDConfig(num_candidates=1, **QUIET), **kw, generator=_gens(3))
+    assert torch.equal(out.images, plain)
+    assert out.nfe == 5 and out.unet_calls == 5
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim-eta1", "sde-dpmsolver++"])
+def test_m1_reproduces_tiny_sd(tiny_sd, kind):
+    tiny_sd.scheduler = _scheduler(kind, tiny_sd.scheduler.config)
+    kw = dict(prompt=["a red cube", "a blue sky"], num_inference_steps=3, height=64, width=64, guidance_scale=3.0)
+    if kind.startswith("ddim"):
+        kw["eta"] = 1.0
+    plain = tiny_sd(**kw, generator=_gens(2), output_type="pt").images
+    out = svdd_sample(tiny_sd, brightness, SVDDConfig(num_candidates=1, **QUIET), **kw, generator=_gens(2))
+    assert torch.equal(out.images, plain)
+
+
+def test_m1_reproduces_tiny_sdxl():
+    from fastdiff.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    kw = dict(prompt="a red cube", num_inference_steps=3, height=64, width=64, guidance_scale=3.0)
+    plain = pipe(**kw, generator=_gens(1), output_type="pt").images
+    out = svdd_sample(pipe, brightness, SVDDConfig(num_candidates=1, **QUIET), **kw, generator=_gens(1))
+    assert torch.equal(out.images, plain)
+
+
+# --- the candidate batch ------------------------------------------------------------------------------
+
+
+def test_cfg_candidate_rows_match_per_image_guidance(tiny_sd):
+    """Each candidate row gets its own image's [uncond; cond] embeddings (the paper's batched code interleaves)."""
+    prompts, m, scale = ["a red cube", "a blue sky"], 3, 4.0
+    prep = _prepare(tiny_sd, dict(prompt=prompts, guidance_scale=scale, num_inference_steps=2, height=64, width=64))
+    owner = torch.arange(2).repeat_interleave(m)
+    latents = torch.randn(2 * m, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = prep.timesteps[0]
+    batched = prep.denoiser(latents, t, owner, max_batch=4)  # chunks cross the image boundary
+    for row in range(2 * m):
+        cond, uncond = tiny_sd.encode_prompt(prompts[owner[row]], "cpu", 1, True)
+        out = tiny_sd.unet(torch.cat([latents[row : row + 1]] * 2), t,
+                           encoder_hidden_states=torch.cat([uncond, cond])).sample
+        expected = out[:1] + scale * (out[1:] - out[:1])
+        torch.testing.assert_close(batched[row : row + 1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sde_dpmsolver_history_follows_chosen_children(reference_pipe):
+    """Replaying the chosen noises through a fresh SDE-DPM-Solver++ (order 2) gives SVDD's samples."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    reference_pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        reference_train.SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++", solver_order=2)
+    n, m, steps = 2, 3, 5
+    kw = dict(class_labels=[2, 5], guidance_scale=1.0, num_inference_steps=steps)
+    out = svdd_sample(reference_pipe, brightness, SVDDConfig(num_candidates=m, **QUIET), **kw,
+                      generator=_gens(n), output_type="latent")
+    assert (out.choices != 0).any()  # the test is vacuous if candidate 0 is always kept
+
+    gens = _gens(n)
+    latents = randn_tensor((n, 4, 16, 16), generator=gens)
+    scheduler = DPMSolverMultistepScheduler.from_config(reference_pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    labels = torch.tensor([2, 5])
+    cond = torch.nn.functional.one_hot(labels, 11).float().unsqueeze(1)
+    for i, t in enumerate(scheduler.timesteps):
+        draws = randn_tensor((n * m, 4, 16, 16), generator=[g for g in gens for _ in range(m)])
+        noise = draws.reshape(n, m, 4, 16, 16)[torch.arange(n), out.choices[i]]
+        eps = reference_pipe.unet(latents, t, encoder_hidden_states=cond, class_labels=labels).sample
+        latents = scheduler.step(eps, t, latents, variance_noise=noise).prev_sample
+    torch.testing.assert_close(out.images, latents, rtol=1e-4, atol=1e-4)
+
+
+def test_pm_raises_reward_and_counts_unet_calls(reference_pipe):
+    reference_pipe.scheduler = DDPMScheduler.from_config(reference_train.SCHEDULER_CONFIG)
+    kw = dict(batch_size=4, num_inference_steps=4)
+    base = svdd_sample(reference_pipe, brightness, SVDDConfig(num_candidates=1, **QUIET), **kw, generator=_gens(4))
+    out = svdd_sample(reference_pipe, brightness, SVDDConfig(num_candidates=4, max_batch=6, **QUIET), **kw,
+                      generator=_gens(4))
+    assert out.rewards.mean() > base.rewards.mean()
+    torch.testing.assert_close(out.rewards, brightness(out.images))  # the trace ends at the returned images
+    assert out.reward_trace.shape == (4, 4) and out.candidate_values.shape == (4, 4, 4)
+    assert out.nfe == 1 + 3 * 4
+    assert out.unet_calls == 1 + 3 * math.ceil(16 / 6)
+
+
+def test_mc_uses_value_fn_at_the_childrens_timestep_and_t_unet_calls(reference_pipe):
+    reference_pipe.scheduler = DDPMScheduler.from_config(reference_train.SCHEDULER_CONFIG)
+    seen = []
+
+    def value_fn(latents, timesteps):
+        seen.append(int(timesteps[0]))
+        return latents.mean(dim=(1, 2, 3))
+
+    config = SVDDConfig(num_candidates=3, variant="mc", value_fn=value_fn, **QUIET)
+    out = svdd_sample(reference_pipe, brightness, config, batch_size=2, num_inference_steps=4, generator=_gens(2))
+    assert seen == [int(t) for t in reference_pipe.scheduler.timesteps[1:]]
+    assert out.nfe == 4 and out.unet_calls == 4
+    torch.testing.assert_close(out.candidate_values[0].argmax(1), out.choices[0])
+
+
+# --- selection and posterior mean -------------------------------------------------------------------------
+
+
+def test_select_candidates_argmax_and_softmax_frequencies():
+    values = torch.tensor([[0.0, 1.0, 0.5], [2.0, -1.0, 2.5]])
+    assert select_candidates(values, 0.0).tolist() == [1, 2]
+    gen = torch.Generator().manual_seed(0)
+    alpha = 0.7
+    picks = torch.stack([select_candidates(values, alpha, gen) for _ in range(8000)])
+    for row in range(2):
+        freq = torch.bincount(picks[:, row], minlength=3).double() / len(picks)
+        expected = torch.exp(values[row].double() / alpha) / torch.exp(values[row].double() / alpha).sum()
+        torch.testing.assert_close(freq, expected, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predict_x0_matches_ddim_pred_original_sample(prediction_type):
+    scheduler = DDIMScheduler(prediction_type=prediction_type, clip_sample=False)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    sample, model_output = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = scheduler.timesteps[3]
+    expected = scheduler.step(model_output, t, sample).pred_original_sample
+    torch.testing.assert_close(predict_x0(scheduler, model_output, sample, t), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- bad inputs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_candidates=0), dict(alpha=-0.1), dict(alpha=float("nan")),
+                                    dict(variant="mc"), dict(variant="best"), dict(max_batch=0)])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        SVDDConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("reward", "error", "match"), [
+    (lambda x: x.mean(dim=(1, 2, 3)).tolist(), TypeError, "torch.Tensor"),
+    (lambda x: x.mean(dim=(2, 3)), ValueError, "shape"),
+    (lambda x: torch.full((len(x),), float("nan")), ValueError, "NaN"),
+])
+def test_bad_reward_outputs_raise(reference_pipe, reward, error, match):
+    reference_pipe.scheduler = DDPMScheduler.from_config(reference_train.SCHEDULER_CONFIG)
+    with pytest.raises(error, match=match):
+        svdd_sample(reference_pipe, reward, SVDDConfig(num_candidates=2, **QUIET), batch_size=1,
+                    num_inference_steps=2, generator=_gens(1))
+
+
+def test_deterministic_scheduler_warns(reference_pipe):
+    reference_pipe.scheduler = DDIMScheduler(**reference_train.SCHEDULER_CONFIG)
+    kw = dict(batch_size=1, num_inference_steps=2, generator=_gens(1))
+    with pytest.warns(UserWarning, match="eta > 0"):
+        svdd_sample(reference_pipe, brightness, SVDDConfig(num_candidates=2, **QUIET), eta=0.0, **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svdd_sample(reference_pipe, brightness, SVDDConfig(num_candidates=2, **QUIET), eta=1.0, batch_size=1,
+                    num_inference_steps=2, generator=_gens(1))
+
+
+def test_unsupported_pipeline_kwarg_is_named(reference_pipe):
+    with pytest.raises(ValueError, match="prompt"):
+        svdd_sample(reference_pipe, brightness, SVDDConfig(**QUIET), prompt="a cat")
+
+
+# --- rewards ----------------------------------------------------------------------------------------------
+
+
+def test_jpeg_compressibility_tracks_opencv_jpeg_sizes():
+    cv2 = pytest.importorskip("cv2")
+    g = torch.Generator().manual_seed(0)
+    images = [torch.zeros(1, 32, 32), torch.rand(1, 32, 32, generator=g),
+              torch.linspace(0, 1, 32).repeat(1, 32, 1), (torch.rand(1, 32, 32, generator=g) > 0.9).float()]
+    batch = torch.stack(images)
+    ours = rewards.jpeg_compressibility(batch)
+    sizes = []
+    for img in images:
+        arr = (img[0] * 255).round().byte().numpy()
+        sizes.append(len(cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, 95])[1]) / 1000)
+    sizes = torch.tensor(sizes)
+    assert torch.equal(torch.argsort(ours), torch.argsort(-sizes))  # same order as an independent encoder
+    torch.testing.assert_close(-ours, sizes, rtol=0.25, atol=0.0)
+    assert rewards.jpeg_compressibility(torch.rand(2, 3, 64, 64)).shape == (2,)
+
+
+def test_classifier_reward_is_the_target_log_probability():
+    from fastdiff.models.classifier import DigitClassifier
+
+    clf = DigitClassifier().eval()
+    reward = rewards.ClassifierReward(7, classifier=clf)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        expected = torch.log_softmax(clf(x), dim=-1)[:, 7]
+    torch.testing.assert_close(reward(x), expected)
+    torch.testing.assert_close(reward.log_probs(x).logsumexp(dim=1), torch.zeros(3), atol=1e-5, rtol=0)
+    assert reward(torch.rand(2, 3, 64, 64)).shape == (2,)
+    with pytest.raises(ValueError, match="0-9"):
+        rewards.ClassifierReward(10)
+
+
+# --- SVDD-MC value network --------------------------------------------------------------------------------
+
+
+def test_value_network_learns_reward_and_round_trips(reference_pipe, tmp_path):
+    from fastdiff.guidance.value import load_value_function, save_value_function, train_value_function
+
+    g = torch.Generator().manual_seed(0)
+    level = torch.rand(256, generator=g) * 2 - 1  # clean latents of varying brightness
+    latents = level.view(-1, 1, 1, 1) + 0.1 * torch.randn(256, 4, 16, 16, generator=g)
+    latents = latents.clamp(-1, 1)
+    net = train_value_function(reference_pipe, brightness, latents=latents, steps=150, batch_size=64, seed=0)
+    from fastdiff.models.unet import decode
+
+    target = brightness(decode(latents))
+    pred = net(latents, torch.full((256,), 20))
+    assert torch.corrcoef(torch.stack([pred, target]))[0, 1] > 0.9
+    save_value_function(net, tmp_path / "v.safetensors", {"reward": "brightness"})
+    loaded = load_value_function(tmp_path / "v.safetensors")
+    torch.testing.assert_close(loaded(latents[:4], torch.tensor([0, 100, 500, 999])),
+                               net(latents[:4], torch.tensor([0, 100, 500, 999])))
