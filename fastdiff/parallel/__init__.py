@@ -1,1 +1,33 @@
-"""fastdiff.parallel (see DESIGN.md)."""
+"""fastdiff.parallel: DistriFusion (arXiv 2402.19481) and PCPP (arXiv 2412.02962) patch parallelism.
+
+    from fastdiff.parallel import PatchParallelConfig, enable_patch_parallel, disable_patch_parallel
+    enable_patch_parallel(pipe, PatchParallelConfig(mode="async", warmup_steps=4))  # under torchrun
+
+Importing this package loads only the config; the torch/diffusers parts load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fastdiff.parallel.config import PatchParallelConfig
+
+_LAZY = {
+    "enable_patch_parallel": "fastdiff.parallel.patch",
+    "disable_patch_parallel": "fastdiff.parallel.patch",
+    "patch_parallel_state": "fastdiff.parallel.patch",
+    "reset_patch_parallel": "fastdiff.parallel.patch",
+    "check_divisible": "fastdiff.parallel.patch",
+    "PatchParallelError": "fastdiff.parallel.comm",
+    "expected_bytes": "fastdiff.parallel.comm",
+    "layer_plan": "fastdiff.parallel.layers",
+}
+
+__all__ = ["PatchParallelConfig", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastdiff.parallel' has no attribute {name!r}")

@@ -1,0 +1,348 @@
+"""DistriFusion (arXiv 2402.19481) band-aware layers, one wrapper per layer type, with PCPP (arXiv 2412.02962) attention.
+
+Each rank holds one row band of every activation. A wrapper keeps the original layer inside (restored by
+`disable_patch_parallel`) and adds what the band needs from the others:
+
+| layer | needs from other bands |
+|---|---|
+| `nn.Conv2d`, kernel > 1 (`PatchConv2d`) | `pad` halo rows above and below |
+| self-attention (`PatchSelfAttention`) | keys and values of every band (PCPP: nearest tokens of the two neighbours) |
+| `nn.GroupNorm` (`PatchGroupNorm`) | per-group mean and variance of every band |
+
+In a synchronous step the exchange is waited on at once (fresh data). In an asynchronous step the layer
+first waits on the exchange it started one UNet call earlier (stale data of the other bands, the local
+band always fresh), computes, then starts the exchange of its fresh data for the next call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdiff.parallel.comm import Communicator, Pending
+from fastdiff.parallel.config import PatchParallelConfig
+
+_SUPPORTED_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+
+
+class PatchState:
+    """Shared per-UNet state: the config, the communicator and the UNet-call counter of the current pipeline call."""
+
+    def __init__(self, config: PatchParallelConfig, comm: Communicator) -> None:
+        self.config, self.comm = config, comm
+        self.step = 0
+        self.layers: list[PatchLayer] = []
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    def synchronous(self) -> bool:
+        """Whether this UNet call exchanges fresh data (mode "sync", or a warm-up call)."""
+        return self.config.mode == "sync" or self.step < self.config.warmup_steps
+
+    def partial(self) -> bool:
+        """Whether self-attention is restricted to the neighbours' nearest tokens (PCPP, after warm-up)."""
+        return self.config.conditioning == "partial" and self.step >= self.config.warmup_steps
+
+    def reset(self, drain: bool = True) -> None:
+        """Start a new pipeline call: wait for (drain) the exchanges still in flight, forget stale buffers."""
+        for layer in self.layers:
+            layer.forget(drain)
+        self.step = 0
+        self.comm.step = 0
+
+
+class PatchLayer(nn.Module):
+    """Base of the band-aware wrappers: `module` is the original layer; `_stale` the exchange from the last call."""
+
+    def __init__(self, module: nn.Module, state: PatchState, layer_id: int) -> None:
+        super().__init__()
+        self.module = module
+        self.layer_id = layer_id
+        object.__setattr__(self, "_state", state)  # plain attribute: not a submodule, not in state_dict
+        self._stale: Pending | None = None
+
+    def forget(self, drain: bool = True) -> None:
+        pending, self._stale = self._stale, None
+        if pending is not None and drain:
+            pending.wait()
+
+    def _exchange(self, start) -> Any:
+        """Run one exchange (`start()` -> Pending): fresh now when synchronous, else last call's data.
+
+        Returns the received data; in an asynchronous call the fresh exchange is left in flight for the next call.
+        """
+        if self._state.synchronous():
+            received = start().wait()
+            self._stale = Pending.done(received)
+            return received
+        if self._stale is None:
+            raise RuntimeError(
+                f"patch parallel layer {self.layer_id}: asynchronous step {self._state.step} has no data from the "
+                "previous step (the step counter was reset in the middle of a pipeline call?)."
+            )
+        received = self._stale.wait()
+        self._stale = start()
+        return received
+
+
+class PatchConv2d(PatchLayer):
+    """DistriFusion conv: the band plus `pad` halo rows of its neighbours, convolved without row padding.
+
+    role "first" (`conv_in`): the input is the full latent; the band and its true halo rows are sliced
+    from it (exact, no communication). role "last" (`conv_out`): the output bands are all-gathered
+    synchronously so that every rank holds the full output.
+    """
+
+    def __init__(self, module: nn.Conv2d, state: PatchState, layer_id: int,
+                 role: Literal["first", "inner", "last"] = "inner") -> None:
+        super().__init__(module, state, layer_id)
+        self.role = role
+        self.pad = module.padding[0]
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.module
+        return F.conv2d(x, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st, p = self._state, self.pad
+        n, r = st.world_size, st.rank
+        if self.role == "first":
+            h = x.shape[2] // n
+            if st.config.mode == "naive":
+                band = F.pad(x[:, :, r * h:(r + 1) * h], (0, 0, p, p))
+            else:
+                band = F.pad(x, (0, 0, p, p))[:, :, r * h:(r + 1) * h + 2 * p]
+        else:
+            above, below = self._halos(x)
+            band = torch.cat([above, x, below], dim=2)
+        out = self._conv(band)
+        if self.role == "last":
+            out = torch.cat(st.comm.all_gather(out, "output").wait(), dim=2)
+        return out
+
+    def _halos(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        st, p = self._state, self.pad
+        if st.config.mode == "naive":
+            zeros = x.new_zeros(x.shape[0], x.shape[1], p, x.shape[3])
+            return zeros, zeros
+        top, bottom = x[:, :, :p], x[:, :, -p:]
+        zeros = x.new_zeros(top.shape)
+        r, n = st.rank, st.world_size
+        if st.config.conditioning == "partial":  # PCPP transport: halos only to the two neighbours
+            def start():
+                return st.comm.neighbours(top, bottom, self.layer_id, "conv")
+        else:  # DistriFusion transport: every band's top and bottom rows to every rank
+            def start():
+                return st.comm.all_gather(torch.stack([top, bottom]), "conv",
+                                          finish=lambda rows: (rows[r - 1][1] if r > 0 else None,
+                                                               rows[r + 1][0] if r < n - 1 else None))
+        above, below = self._exchange(start)
+        return (zeros if above is None else above), (zeros if below is None else below)
+
+
+class PatchGroupNorm(PatchLayer):
+    """DistriFusion GroupNorm: statistics over all bands (biased variance, like `nn.GroupNorm`).
+
+    Each band contributes (mean, variance) per sample and group; equal band sizes give the exact global
+    mean = avg(mean_j) and variance = avg(var_j + (mean_j - mean)^2). Asynchronous steps use the other
+    bands' statistics from the last call: group_norm "stale" uses them as they are (local band fresh),
+    "corrected" (DistriFusion) adds the fresh-minus-stale change of the local band's moments to the stale
+    global moments (local variance where the result is negative), "sync" exchanges fresh ones anyway.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gn, st = self.module, self._state
+        b, c = x.shape[:2]
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        xg = x.reshape(b, gn.num_groups, -1).to(stat_dtype)
+        var_l, mean_l = torch.var_mean(xg, dim=-1, correction=0)
+        local = torch.stack([mean_l, var_l])  # (2, B, G)
+        mode, rule = st.config.mode, st.config.group_norm
+        if mode == "naive":
+            mean, var = mean_l, var_l
+        elif rule == "sync" or st.synchronous():
+            stats = st.comm.all_gather(local, "norm").wait()
+            self._stale = Pending.done(stats)
+            mean, var = _combine(torch.stack(stats))
+        else:
+            stale = self._exchange(lambda: st.comm.all_gather(local, "norm"))
+            stats = torch.stack(stale)
+            if rule == "stale":
+                stats = stats.clone()
+                stats[st.rank] = local
+                mean, var = _combine(stats)
+            else:  # corrected: stale global moments + (fresh - stale) local moments
+                moments = torch.stack([stats[:, 0], stats[:, 1] + stats[:, 0] ** 2], dim=1)  # (N, 2, B, G)
+                fresh = torch.stack([mean_l, var_l + mean_l**2])
+                m = moments.mean(0) + fresh - moments[st.rank]
+                mean, var = m[0], m[1] - m[0] ** 2
+                var = torch.where(var < 0, var_l, var)
+        y = (xg - mean[..., None]) * torch.rsqrt(var[..., None] + gn.eps)
+        y = y.reshape(x.shape).to(x.dtype)
+        if gn.affine:
+            shape = (1, c) + (1,) * (x.ndim - 2)
+            y = y * gn.weight.reshape(shape) + gn.bias.reshape(shape)
+        return y
+
+
+def _combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 2, B, G) per-band (mean, biased variance) of equal-size bands -> global (mean, variance)."""
+    means, variances = stats[:, 0], stats[:, 1]
+    mean = means.mean(0)
+    return mean, (variances + (means - mean) ** 2).mean(0)
+
+
+class PatchSelfAttention(PatchLayer):
+    """DistriFusion self-attention: local queries attend to the keys/values of all bands (fresh local slot).
+
+    With conditioning="partial" (PCPP), after warm-up the context is the last floor(f*L) tokens of the
+    band above, the local band and the first floor(f*L) tokens of the band below (L local tokens).
+    Mirrors diffusers' `AttnProcessor2_0`; a call with `encoder_hidden_states` goes to the original layer.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        attn = self.module
+        if encoder_hidden_states is not None:
+            return attn(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("patch-parallel self-attention does not support attention_mask.")
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, ch, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(b, ch, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        ck = key.shape[-1]
+        context = self._context(torch.cat([key, value], dim=-1))
+        key, value = context[..., :ck], context[..., ck:]
+        head_dim = ck // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.reshape(batch, -1, attn.heads, value.shape[-1] // attn.heads).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, ch, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _context(self, kv: torch.Tensor) -> torch.Tensor:
+        """Local keys+values (B, L, Ck+Cv) -> the context attended to (B, L_ctx, Ck+Cv)."""
+        st = self._state
+        if st.config.mode == "naive":
+            return kv
+        r, n = st.rank, st.world_size
+        if st.partial():
+            k = max(1, int(st.config.partial_fraction * kv.shape[1]))
+            if not st.synchronous() and self._stale is not None:
+                self._stale = _as_neighbours(self._stale, r, n, k)
+            above, below = self._exchange(lambda: st.comm.neighbours(kv[:, :k], kv[:, -k:], self.layer_id, "attn"))
+            return torch.cat([t for t in (above, kv, below) if t is not None], dim=1)
+        bands = list(self._exchange(lambda: st.comm.all_gather(kv, "attn")))
+        bands[r] = kv
+        return torch.cat(bands, dim=1)
+
+
+def _as_neighbours(pending: Pending, rank: int, world_size: int, k: int) -> Pending:
+    """Turn a full gather (list of bands) kept from a warm-up call into PCPP's (above, below) boundary tokens."""
+    received = pending.wait()
+    if not isinstance(received, list):
+        return pending
+    above = received[rank - 1][:, -k:] if rank > 0 else None
+    below = received[rank + 1][:, :k] if rank < world_size - 1 else None
+    return Pending.done((above, below))
+
+
+# --- which layers get wrapped, and at which resolution level (used by enable and by the byte formulas) ---
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One wrapped layer: its name in the UNet, kind, role, downsampling level of its input, and sizes."""
+
+    name: str
+    kind: Literal["conv", "attn", "norm"]
+    level: int
+    role: Literal["first", "inner", "last"] = "inner"
+    in_channels: int = 0
+    out_channels: int = 0
+    pad: int = 0
+    kv_channels: int = 0
+    groups: int = 0
+
+
+def _level(name: str, unet: nn.Module) -> int:
+    """Downsampling level (input at H/2^level) of a layer, from its place in a diffusers UNet."""
+    num_down = sum(1 for blk in unet.down_blocks if getattr(blk, "downsamplers", None))
+    m = re.match(r"down_blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(1))
+    if name.startswith("mid_block."):
+        return num_down
+    m = re.match(r"up_blocks\.(\d+)\.", name)
+    if m:
+        j = int(m.group(1))
+        level = num_down - sum(1 for blk in unet.up_blocks[:j] if getattr(blk, "upsamplers", None))
+        return level - 1 if ".upsamplers." in name else level
+    return 0
+
+
+def is_self_attention(module: nn.Module) -> bool:
+    from diffusers.models.attention_processor import Attention
+
+    return isinstance(module, Attention) and not module.is_cross_attention
+
+
+def layer_plan(unet: nn.Module) -> list[LayerSpec]:
+    """The layers patch parallelism wraps in `unet`, in module order, with the shapes the byte formulas need.
+
+    Raises ValueError for layers it cannot split by rows (e.g. a conv whose padding is not kernel // 2).
+    """
+    plan: list[LayerSpec] = []
+    for name, module in unet.named_modules():
+        if isinstance(module, PatchLayer):
+            raise ValueError("this UNet is already patch parallel: call disable_patch_parallel first.")
+        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+            k, pad = module.kernel_size[0], module.padding
+            if isinstance(pad, str) or pad[0] != k // 2 or k % 2 == 0 or module.dilation[0] != 1 \
+                    or module.padding_mode != "zeros":
+                raise ValueError(f"{name}: patch parallelism supports odd kernels with zero padding kernel//2 only.")
+            role = {"conv_in": "first", "conv_out": "last"}.get(name, "inner")
+            plan.append(LayerSpec(name, "conv", _level(name, unet), role, module.in_channels,
+                                  module.out_channels, pad[0]))
+        elif isinstance(module, nn.GroupNorm):
+            plan.append(LayerSpec(name, "norm", _level(name, unet), groups=module.num_groups))
+        elif is_self_attention(module):
+            processor = type(module.processor).__name__
+            if processor not in _SUPPORTED_PROCESSORS or module.spatial_norm is not None \
+                    or getattr(module, "added_kv_proj_dim", None) is not None:
+                raise ValueError(f"{name}: self-attention with processor {processor} (or spatial norm / added K,V) "
+                                 "is not supported by patch parallelism; fuse LoRAs and use the default processor.")
+            kv = module.to_k.out_features + module.to_v.out_features
+            plan.append(LayerSpec(name, "attn", _level(name, unet), kv_channels=kv))
+    roles = {s.role for s in plan if s.kind == "conv"}
+    if not {"first", "last"} <= roles:
+        raise ValueError("patch parallelism needs a diffusers UNet with `conv_in` and `conv_out` 3x3 convolutions.")
+    return plan
