@@ -86,6 +86,17 @@ def _gather_objects(obj) -> list:
     return out
 
 
+def _broadcast(obj):
+    """`obj` of rank 0, on every rank."""
+    if not _distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # -- files --------------------------------------------------------------------------------------------
 def image_path(folder: str | Path, index: int) -> Path:
     return Path(folder) / f"{index:06d}.png"

@@ -86,16 +86,13 @@ def scheduler_class(name: str):
 def _load_schedule_timesteps(path: Path) -> list[int]:
     if not path.is_file():
         raise ValueError(f"schedule file {path} does not exist.")
+    loaded = None
     try:
         from fastdiff.schedulers.schedules import load_schedule
-    except ImportError:
-        load_schedule = None
-    if load_schedule is not None:
-        loaded = load_schedule(path)
-        loaded = getattr(loaded, "timesteps", loaded)
-        if isinstance(loaded, dict):
-            loaded = loaded.get("timesteps")
-    else:
+
+        record = load_schedule(path)
+        loaded = record.get("timesteps") if isinstance(record, dict) else getattr(record, "timesteps", record)
+    except (ImportError, ValueError):  # not (yet) a fastdiff schedule file: read its "timesteps" key
         data = json.loads(path.read_text())
         loaded = data.get("timesteps") if isinstance(data, dict) else data
     if not isinstance(loaded, (list, tuple)) or not loaded:
@@ -138,7 +135,12 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: guidance must be >= 0.")
         if not isinstance(self.scheduler_kwargs, dict):
             raise ValueError(f"method {self.name!r}: scheduler_kwargs must be a table of keyword arguments.")
-        scheduler_class(self.scheduler)
+        cls = scheduler_class(self.scheduler)
+        if self.steps is None and "timesteps" not in inspect.signature(cls.set_timesteps).parameters:
+            raise ValueError(
+                f"method {self.name!r}: {self.scheduler}.set_timesteps takes no custom timesteps; use steps, or a "
+                "scheduler that does (DDPMScheduler, DPMSolverMultistepScheduler, fastdiff's DPM-Solver++)."
+            )
         for key in ACCELERATORS:
             options = getattr(self, key)
             if options is None:

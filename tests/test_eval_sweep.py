@@ -1,0 +1,157 @@
+"""Sweeps and the `fastdiff eval` commands: TOML validation, outputs, and FD/KID against clean-fid end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from fastdiff.cli import main
+from fastdiff.eval import compute_stats, run_sweep
+from fastdiff.eval.features import folder_features
+from fastdiff.eval.methods import MethodSpec
+from fastdiff.eval.sweep import SweepConfig, load_sweep, pareto_front
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_pngs(folder: Path, n: int, seed: int, size: int = 32, shift: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = np.clip(rng.normal(128 + shift, 40, (size, size)), 0, 255).astype(np.uint8)
+        PIL.Image.fromarray(arr).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def test_reference_sweep_file_loads():
+    config = load_sweep(ROOT / "eval" / "sweeps" / "reference.toml")
+    names = [m.name for m in config.methods]
+    assert names[0] == "DDPM-1000" and {"DDIM-10", "DDIM-100", "DPMSolverMultistep-5"} <= set(names)
+    assert len(names) == 8 and config.model == "reference" and config.reference == "heldout"
+    assert {m.num_steps() for m in config.methods} == {1000, 100, 50, 20, 10, 5}
+
+
+BAD_SWEEPS = [
+    ('[[methods]]\nname = "a"\nscheduler = "DDIMSchedular"\nsteps = 5\n', "unknown scheduler"),
+    ('[[methods]]\nname = "a"\nsteps = 5\nguidence = 2.0\n', "unknown key"),
+    ('[[methods]]\nname = "a"\nsteps = 5\n[[methods]]\nname = "a"\nsteps = 6\n', "unique"),
+    ('[eval]\nn = 1\n[[methods]]\nname = "a"\nsteps = 5\n', "n must be an int >= 2"),
+    ('[eval]\nextractors = ["vgg"]\n[[methods]]\nname = "a"\nsteps = 5\n', "unknown"),
+    ('[evaluation]\nn = 4\n[[methods]]\nname = "a"\nsteps = 5\n', "unknown top-level"),
+    ('[model]\nname = "some/model"\n[[methods]]\nname = "a"\nsteps = 5\n', "heldout"),
+    ("title = 'x'\n", "at least one"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_SWEEPS)
+def test_bad_sweep_files_are_rejected(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_sweep(path)
+
+
+def test_cli_sweep_reports_errors(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_SWEEPS[0][0])
+    assert main(["eval", "sweep", str(path)]) == 2
+    assert "unknown scheduler" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import DDIMScheduler
+
+    from fastdiff.models.pipeline import ReferencePipeline
+    from fastdiff.models.train import SCHEDULER_CONFIG
+    from fastdiff.models.unet import build_reference_unet
+
+    p = ReferencePipeline(unet=build_reference_unet(0).eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_sweep_outputs_and_scores_equal_cleanfid(pipe, tmp_path):
+    from cleanfid.fid import frechet_distance as cleanfid_fd
+    from cleanfid.fid import kernel_distance as cleanfid_kid
+
+    ref = _write_pngs(tmp_path / "ref", 20, seed=0)
+    config = SweepConfig(
+        methods=[MethodSpec(name="DDIM-2", steps=2),
+                 MethodSpec(name="DPM/3", scheduler="DPMSolverMultistepScheduler", steps=3)],
+        n=6, batch_size=3, extractors=["pixels"], reference=str(ref), kid_subsets=5,
+    )  # fmt: skip
+    rows = run_sweep(config, tmp_path / "out", pipe=pipe, progress=False)
+    out = tmp_path / "out"
+    assert [json.loads(line)["method"] for line in (out / "results.jsonl").read_text().splitlines()] == [
+        "DDIM-2",
+        "DPM/3",
+    ]
+    assert "| DDIM-2 | 2 | 2 |" in (out / "results.md").read_text()
+    with PIL.Image.open(out / "pareto.png") as im:
+        assert im.size[0] > 300
+    ref_feats, _ = folder_features(ref, "pixels")
+    r = compute_stats(ref_feats)
+    for row in rows:
+        assert row["n"] == row["n_pixels"] == 6 and row["s_per_image"] > 0 and row["unet_calls"] == row["nfe"]
+        feats, size = folder_features(row["images"], "pixels")
+        assert size == (1, 32, 32) and len(feats) == 6
+        g = compute_stats(feats)
+        assert row["fd_pixels"] == pytest.approx(cleanfid_fd(g.mu, g.sigma, r.mu, r.sigma), rel=1e-6)
+        np.random.seed(0)
+        assert row["kid_pixels"] == pytest.approx(cleanfid_kid(feats, ref_feats, num_subsets=5), rel=1e-6)
+    # a second run reuses every image and gives the same scores
+    again = run_sweep(config, tmp_path / "out", pipe=pipe, progress=False)
+    assert [a["fd_pixels"] for a in again] == [r["fd_pixels"] for r in rows]
+
+
+def test_cli_ref_and_fid_equal_cleanfid_compute_fid(tmp_path, capsys):
+    """`fastdiff eval ref` + `eval fid` on pixel features equal clean-fid's compute_fid with the same features."""
+    from cleanfid import fid
+
+    a, b = _write_pngs(tmp_path / "a", 40, seed=1), _write_pngs(tmp_path / "b", 50, seed=2, shift=10)
+    stats = tmp_path / "b_stats.npz"
+    assert main(["eval", "ref", str(b), "--extractor", "pixels", "--out", str(stats)]) == 0
+    assert json.loads(stats.with_suffix(".json").read_text())["image_size"] == [1, 32, 32]
+    capsys.readouterr()
+    assert main(["eval", "fid", str(a), "--ref", str(stats), "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+
+    def first_channel_pixels(x: torch.Tensor) -> torch.Tensor:  # clean-fid gives RGB floats in [0, 255]
+        return x[:, :1].reshape(len(x), -1) / 255
+
+    ref = fid.compute_fid(
+        str(a), str(b), mode="clean", custom_feat_extractor=first_channel_pixels,
+        custom_fn_resize=lambda img: img.astype(np.float32), device=torch.device("cpu"), num_workers=0,
+        batch_size=16, verbose=False, use_dataparallel=False,
+    )  # fmt: skip
+    assert ours["fd"] == pytest.approx(ref, rel=1e-6) and ours["n"] == 40 and ours["n_ref"] == 50
+    # folder vs folder gives the same FD as folder vs its stats
+    assert main(["eval", "fid", str(a), "--ref", str(b), "--extractor", "pixels", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fd"] == pytest.approx(ours["fd"], rel=1e-12)
+
+
+def test_cli_fid_errors(tmp_path, capsys):
+    small = _write_pngs(tmp_path / "small", 5, seed=3, size=16)
+    stats = tmp_path / "small.npz"
+    assert main(["eval", "ref", str(small), "--extractor", "pixels", "--out", str(stats)]) == 0
+    big = _write_pngs(tmp_path / "big", 5, seed=4)
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main(["eval", "fid", str(big), "--ref", str(stats)]) == 2
+    assert "image_size" in capsys.readouterr().err
+    assert main(["eval", "fid", str(tmp_path / "empty"), "--ref", str(stats)]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    one = _write_pngs(tmp_path / "one", 1, seed=5, size=16)
+    assert main(["eval", "fid", str(one), "--ref", str(stats)]) == 2
+    assert "N = 2" in capsys.readouterr().err
+
+
+def test_pareto_front():
+    points = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (0.5, 9.0), (4.0, 1.0)]
+    assert pareto_front(points) == [3, 0, 1, 4]
