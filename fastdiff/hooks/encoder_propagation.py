@@ -189,10 +189,9 @@ class _PropagationState:
         if timesteps is None:
             raise ValueError("the scheduler has no timesteps: call scheduler.set_timesteps(...) before the UNet.")
         if self.timesteps is not timesteps:
+            keys = frozenset(key_step_indices(self.config.key_steps, len(timesteps)))
             self.reset()
-            self.timesteps = timesteps
-            self.num_steps = len(timesteps)
-            self.keys = frozenset(key_step_indices(self.config.key_steps, self.num_steps))
+            self.timesteps, self.num_steps, self.keys = timesteps, len(timesteps), keys
         return self.step
 
     def injection(self, step: int, timestep) -> float | None:
