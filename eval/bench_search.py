@@ -1,0 +1,277 @@
+"""Benchmark of AutoDiffusion timestep search (fastdiff.search) against uniform, logSNR, Karras, AYS- and GITS-style.
+
+Parts (each prints a table and writes JSON + markdown to eval/results/search/):
+  exact      Gaussian mixture in 1x4x4, exact moments, DPM-Solver++ 2M, K = 4 and 6            (seconds)
+  reference  the shipped digit model, DPM-Solver++ 2M, K = 4 and 6: search with FD (lenet features) of
+             N_search images at seeds 100000+ against *training* digits; every schedule is then scored on
+             held-out seeds 0..N_eval-1 against the *held-out* digits (never seen by the search)  (~10-15 min)
+  joint      reference model, K = 10: timestep search + Faster Diffusion "fd20" key steps vs joint search of
+             timesteps and key steps, same number of key steps (equal UNet FLOPs)                (~10 min)
+
+  nice -n 10 .venv/bin/python eval/bench_search.py --part exact reference joint
+  .venv/bin/python eval/bench_search.py --part reference joint --smoke     (random weights, tiny: checks the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdiff.search import SearchConfig, search_timesteps
+from fastdiff.search.evolutionary import make_candidate
+
+RESULTS = Path(__file__).parent / "results" / "search"
+
+
+def _env() -> dict:
+    import diffusers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _write(name: str, record: dict, table: list[str], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ exact
+def part_exact(out: Path) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    from fastdiff.search.objectives import ExactObjective, betas_from_alphas_cumprod
+    from fastdiff.testing import GaussianMixtureDenoiser
+
+    gen = torch.Generator().manual_seed(0)
+    model = GaussianMixtureDenoiser(means=torch.rand((3, 1, 4, 4), generator=gen, dtype=torch.float64) * 2 - 1,
+                                    stds=torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64))
+    betas = betas_from_alphas_cumprod(model.alphas_cumprod)
+
+    def sched(**flags):
+        return DPMSolverMultistepScheduler(trained_betas=betas, algorithm_type="dpmsolver++", solver_order=2, **flags)
+
+    held = ExactObjective(model, num_samples=8192, seed=777)  # initial noise never used by the search
+    rows, record = [], {"setting": "GaussianMixtureDenoiser 3 components 1x4x4, stds 0.05/0.1/0.2; DPM-Solver++ 2M "
+                        "(diffusers); fitness = Frechet distance of sample moments to the exact data moments",
+                        "search": {"num_samples": 1024, "max_evaluations": 150, "seed": 0}, "held_out_samples": 8192,
+                        "env": _env(), "rows": []}
+    for fix_first in (True, False):
+        for k in (4, 6):
+            t0 = time.perf_counter()
+            result = search_timesteps(model, k, "exact", SearchConfig(seed=0, num_samples=1024, max_evaluations=150,
+                                                                      fix_first=fix_first))
+            wall = time.perf_counter() - t0
+            scores = {"uniform": held.score(held.sample(scheduler=sched(), num_inference_steps=k)),
+                      "logSNR": held.score(held.sample(scheduler=sched(use_lu_lambdas=True), num_inference_steps=k)),
+                      "Karras": held.score(held.sample(scheduler=sched(use_karras_sigmas=True), num_inference_steps=k)),
+                      "searched": held.score(held.sample(result.timesteps, scheduler=sched()))}
+            row = {"K": k, "fix_first": fix_first, "timesteps": result.timesteps, "search_wall_s": wall, **scores}
+            record["rows"].append(row)
+            first = "999" if fix_first else "free"
+            rows.append(f"| {k} | {first} | {scores['uniform']:.4f} | {scores['logSNR']:.4f} | "
+                        f"{scores['Karras']:.4f} | **{scores['searched']:.4f}** | "
+                        f"{scores['searched'] / scores['uniform']:.2f} | {result.timesteps} | {wall:.1f} |")
+    floor = held.score(held.sample(scheduler=sched(), num_inference_steps=200))
+    record["dpmpp_200_steps"] = floor
+    table = ["# AutoDiffusion search, exact objective (Gaussian mixture)", "",
+             f"Held-out: {held.noise.shape[0]} initial noises never seen by the search (search: 1024, 150 evaluations)."
+             f" FD of exact moments; DPM-Solver++ 2M with 200 steps reaches {floor:.4f} (estimation floor).", "",
+             "| K | first step | uniform | logSNR | Karras | searched | searched/uniform | schedule | search s |",
+             "|---|---|---|---|---|---|---|---|---|", *rows, "", f"Hardware: {_env()}"]
+    _write("exact", record, table, out)
+
+
+# ------------------------------------------------------------------------------------------------ reference model
+def _reference(smoke: bool):
+    from fastdiff.models.data import load_digits
+    from fastdiff.models.unet import encode
+    from fastdiff.schedulers import DPMSolverPlusPlusScheduler
+
+    if smoke:
+        from diffusers import DDIMScheduler
+
+        from fastdiff.models.classifier import DigitClassifier
+        from fastdiff.models.pipeline import ReferencePipeline
+        from fastdiff.models.train import SCHEDULER_CONFIG
+        from fastdiff.models.unet import build_reference_unet
+
+        pipe = ReferencePipeline(unet=build_reference_unet().eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+        clf = DigitClassifier().eval().requires_grad_(False)
+    else:
+        from fastdiff.models import load_digit_classifier, load_reference_pipeline
+
+        pipe, clf = load_reference_pipeline(), load_digit_classifier()
+    # the reference sweep's settings: DPM-Solver++ 2M from the model's config, labels i % 10, no guidance
+    pipe.scheduler = DPMSolverPlusPlusScheduler.from_config(pipe.scheduler.config, solver_order=2)
+    pipe.set_progress_bar_config(disable=True)
+    train_images, train_labels = load_digits("train")
+    held_images, _ = load_digits("heldout")
+    return pipe, clf, encode, train_images, train_labels, held_images
+
+
+def _objectives(pipe, clf, train_images, held_images, n_search: int, n_eval: int, search_seed: int):
+    from fastdiff.search.objectives import PipelineObjective, ReferenceStats
+
+    with torch.no_grad():
+        train_ref = ReferenceStats.from_features(clf.features(train_images[:4000]), "lenet")
+        held_ref = ReferenceStats.from_features(clf.features(held_images), "lenet")
+    search = PipelineObjective(pipe, clf.features, train_ref, extractor="lenet", num_samples=n_search,
+                               seed=search_seed, per_image_kwargs={"class_labels": [i % 10 for i in range(n_search)]})
+    held = PipelineObjective(pipe, clf.features, held_ref, extractor="lenet", num_samples=n_eval, seed=0,
+                             per_image_kwargs={"class_labels": [i % 10 for i in range(n_eval)]})
+    return search, held
+
+
+def _flag_timesteps(pipe, k: int, **flags) -> list[int]:
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config, **flags)
+    sched.set_timesteps(k)
+    return [int(t) for t in sched.timesteps]
+
+
+def _score_flags(pipe, held, k: int, **flags) -> tuple[float, list[int]]:
+    """FD of the scheduler's own K-step schedule with `flags` (karras / lu use their exact sigmas)."""
+    original = pipe.scheduler
+    pipe.scheduler = type(original).from_config(original.config, **flags)
+    try:
+        ts = _flag_timesteps(pipe, k, **flags)
+        images = []
+        for start in range(0, held.num_samples, held.batch_size):
+            idx = range(start, min(start + held.batch_size, held.num_samples))
+            images.append(pipe(class_labels=[i % 10 for i in idx], num_inference_steps=k, output_type="pt",
+                               generator=[torch.Generator().manual_seed(held.seed + i) for i in idx]).images)
+        return held.score_images(torch.cat(images)), ts
+    finally:
+        pipe.scheduler = original
+
+
+def part_reference(out: Path, smoke: bool) -> None:
+    from fastdiff.search.baselines import ays_timesteps, gits_timesteps
+
+    pipe, clf, encode, train_images, train_labels, held_images = _reference(smoke)
+    n_search, n_eval = (16, 32) if smoke else (256, 1000)
+    budgets = {4: 4, 6: 4} if smoke else {4: 80, 6: 60}
+    warm = 8 if smoke else 32
+    search_obj, held = _objectives(pipe, clf, train_images, held_images, n_search, n_eval, 100_000)
+    record = {"setting": "reference digit model, DPMSolverPlusPlusScheduler order 2 (from the model's config), "
+              "labels i % 10, guidance 1.0; features: lenet (shipped digit classifier, 128-d)",
+              "search": {"num_samples": n_search, "image_seeds": f"100000..{100000 + n_search - 1}",
+                         "reference": "4000 training digits", "budgets": budgets, "population": 16, "parents": 6},
+              "eval": {"num_samples": n_eval, "seeds": f"0..{n_eval - 1}", "reference": "1000 held-out digits"},
+              "smoke": smoke, "env": _env(), "rows": []}
+    rows = []
+    for k, budget in budgets.items():
+        times, scores, schedules = {}, {}, {}
+        t0 = time.perf_counter()
+        result = search_timesteps(pipe, k, search_obj, SearchConfig(seed=0, max_evaluations=budget,
+                                                                    population_size=16, num_parents=6))
+        times["searched"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        noise = torch.randn((warm, 4, 16, 16), generator=torch.Generator().manual_seed(555))
+        schedules["GITS-style"] = gits_timesteps(pipe, k, noise, {"class_labels": [i % 10 for i in range(warm)]})
+        times["GITS-style"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))[:warm]
+        schedules["AYS-style"] = ays_timesteps(pipe, k, encode(train_images[pick]),
+                                               {"class_labels": train_labels[pick].tolist()}, sweeps=1 if smoke else 2)
+        times["AYS-style"] = time.perf_counter() - t0
+        for name, flags in (("uniform", {}), ("logSNR", {"use_lu_lambdas": True}),
+                            ("Karras", {"use_karras_sigmas": True})):
+            scores[name], schedules[name] = _score_flags(pipe, held, k, **flags)
+        for name in ("GITS-style", "AYS-style"):
+            scores[name] = held(make_candidate(schedules[name]))
+        schedules["searched"] = result.timesteps
+        scores["searched"] = held(make_candidate(result.timesteps))
+        record["rows"].append({"K": k, "fd": scores, "timesteps": schedules, "wall_s": times,
+                               "search_fd_on_search_seeds": result.fitness, "evaluations": result.evaluations,
+                               "history": result.history})
+        for name in ("uniform", "logSNR", "Karras", "GITS-style", "AYS-style", "searched"):
+            wall = f"{times[name]:.0f}" if name in times else "-"
+            rows.append(f"| {k} | {name} | {scores[name]:.3f} | {scores[name] / scores['uniform']:.2f} | "
+                        f"{schedules[name]} | {wall} |")
+        print(rows[-6:], flush=True)
+    table = ["# AutoDiffusion search on the reference digit model (DPM-Solver++ 2M)", "",
+             f"FD (lenet features) of N = {n_eval} images at held-out seeds 0..{n_eval - 1} vs the 1000 held-out "
+             f"digits. Search: N = {n_search} images per candidate at seeds 100000+, vs 4000 training digits, "
+             f"budgets {budgets} evaluations, population 16. Wall times: 2 CPU cores (shared).", "",
+             "| K | schedule | FD | / uniform | timesteps | compute s |", "|---|---|---|---|---|---|", *rows, "",
+             f"Hardware: {_env()}"]
+    _write("reference_smoke" if smoke else "reference", record, table, out)
+
+
+def part_joint(out: Path, smoke: bool) -> None:
+    from fastdiff.hooks.encoder_propagation import key_step_indices
+
+    pipe, clf, _, train_images, _, held_images = _reference(smoke)
+    k = 10
+    n_search, n_eval = (16, 32) if smoke else (256, 1000)
+    stage1, stage2 = (3, 3) if smoke else (40, 30)
+    preset = list(key_step_indices("fd20", k))
+    search_obj, held = _objectives(pipe, clf, train_images, held_images, n_search, n_eval, 100_000)
+    t0 = time.perf_counter()
+    config = SearchConfig(seed=0, max_evaluations=stage1, population_size=16, num_parents=6,
+                          num_key_steps=len(preset), key_step_presets=[preset], stage2_evaluations=stage2)
+    result = search_timesteps(pipe, k, search_obj, config)
+    wall = time.perf_counter() - t0
+    ts_only = result.stage1_timesteps
+    scores = {
+        "uniform, all steps full": held(make_candidate(_flag_timesteps(pipe, k))),
+        "uniform + fd20 keys": held(make_candidate(_flag_timesteps(pipe, k), preset)),
+        "searched timesteps, all full": held(make_candidate(ts_only)),
+        "searched timesteps + fd20 keys": held(make_candidate(ts_only, preset)),
+        "joint search (timesteps + keys)": held(make_candidate(result.timesteps, result.key_steps)),
+    }
+    keys = {"uniform, all steps full": list(range(k)), "searched timesteps, all full": list(range(k)),
+            "uniform + fd20 keys": preset, "searched timesteps + fd20 keys": preset,
+            "joint search (timesteps + keys)": result.key_steps}
+    record = {"K": k, "preset": preset, "stage1_evaluations": stage1, "stage2_evaluations": stage2,
+              "search_samples": n_search, "eval_samples": n_eval, "timesteps_only": ts_only,
+              "joint": {"timesteps": result.timesteps, "key_steps": result.key_steps}, "fd": scores,
+              "search_wall_s": wall, "smoke": smoke, "env": _env()}
+    rows = [f"| {name} | {len(keys[name])}/{k} | {v:.3f} | {keys[name]} |" for name, v in scores.items()]
+    table = ["# Joint search of timesteps and encoder-propagation key steps (reference model, K = 10)", "",
+             f"DPM-Solver++ 2M, FD (lenet) of N = {n_eval} held-out-seed images vs held-out digits. Stage 1: "
+             f"{stage1} evaluations, stage 2: {stage2}, N = {n_search} per candidate; search wall {wall:.0f} s. "
+             "Rows with the same number of key steps cost the same UNet FLOPs.", "",
+             "| method | key steps | FD | keys |", "|---|---|---|---|", *rows, "",
+             f"searched timesteps {ts_only}; joint timesteps {result.timesteps}", "", f"Hardware: {_env()}"]
+    _write("joint_smoke" if smoke else "joint", record, table, out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", nargs="+", choices=("exact", "reference", "joint"), default=["exact"])
+    parser.add_argument("--smoke", action="store_true", help="random weights, tiny sizes: checks the script only")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    out = Path("/tmp/bench_search_smoke") if args.smoke else args.out
+    if not args.smoke and {"reference", "joint"} & set(args.part):
+        from fastdiff.models.train import UNET_FILE, WEIGHTS_DIR
+
+        if not (WEIGHTS_DIR / UNET_FILE).exists():
+            print(f"{WEIGHTS_DIR / UNET_FILE} is missing: run `fastdiff train-reference` first "
+                  "(or --smoke to check this script).", file=sys.stderr)
+            return 2
+    np.set_printoptions(precision=4)
+    for part in args.part:
+        if part == "exact":
+            part_exact(out)
+        elif part == "reference":
+            part_reference(out, args.smoke)
+        else:
+            part_joint(out, args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
