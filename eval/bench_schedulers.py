@@ -1,0 +1,327 @@
+"""Benchmark of fastdiff's DPM-Solver++ schedulers (Lu et al. 2022, arXiv 2211.01095).
+
+  (a) step() time vs diffusers' DPMSolverMultistep/Singlestep at equal settings (ratio table), CPU;
+  (b) order of convergence on an exact Gaussian-mixture denoiser (fp64): warm vs cold start, plot;
+  (c) reference model (needs fastdiff/models/weights): FD on the digit classifier's features vs NFE for DDIM and
+      DPM-Solver++ 2M / 3M / 2S / SDE-2M, the smallest NFE within 10% of DDPM-1000's FD, and the guided stress
+      test (class agreement at guidance 3 and 5, 2M + dynamic thresholding <= 20 steps vs DDIM-50).
+
+    nice -n 10 python eval/bench_schedulers.py [--parts a,b,c] [--n 500]
+
+Writes eval/results/schedulers/{results.json, results.md, convergence.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+OUT = Path(__file__).parent / "results" / "schedulers"
+
+
+def _env() -> dict:
+    import diffusers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "threads": torch.get_num_threads(), "device": "cpu"}
+
+
+# ------------------------------------------------------------------------------------------ (a) step time
+def bench_step_time(repeats: int = 5, steps: int = 20) -> list[dict]:
+    from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
+
+    from fastdiff.schedulers import DPMSolverPlusPlusScheduler, DPMSolverPlusPlusSinglestepScheduler
+
+    configs = [
+        ("2M", dict(solver_order=2), False),
+        ("3M", dict(solver_order=3), False),
+        ("SDE-2M", dict(solver_order=2, algorithm_type="sde-dpmsolver++"), False),
+        ("2M karras", dict(solver_order=2, use_karras_sigmas=True), False),
+        ("2M thresholding", dict(solver_order=2, thresholding=True, sample_max_value=1.5), False),
+        ("2S", dict(solver_order=2), True),
+        ("3S", dict(solver_order=3), True),
+    ]
+    rows = []
+    for shape in [(1, 4, 64, 64), (64, 4, 16, 16)]:
+        outs = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(steps)]
+        x0 = torch.randn(shape, generator=torch.Generator().manual_seed(999))
+        for name, cfg, single in configs:
+            ref_cls = DPMSolverSinglestepScheduler if single else DPMSolverMultistepScheduler
+            our_cls = DPMSolverPlusPlusSinglestepScheduler if single else DPMSolverPlusPlusScheduler
+            times = {}
+            for label, cls in (("diffusers", ref_cls), ("fastdiff", our_cls)):
+                best = math.inf
+                for r in range(repeats):
+                    sched = cls(**cfg)
+                    sched.set_timesteps(steps)
+                    x = x0
+                    g = torch.Generator().manual_seed(r)
+                    t0 = time.perf_counter()
+                    for t, out in zip(sched.timesteps, outs):
+                        x = sched.step(out, t, x, generator=g).prev_sample
+                    best = min(best, (time.perf_counter() - t0) / steps)
+                times[label] = best
+            rows.append({"config": name, "shape": list(shape), "diffusers_ms": 1e3 * times["diffusers"],
+                         "fastdiff_ms": 1e3 * times["fastdiff"], "ratio": times["fastdiff"] / times["diffusers"]})
+            print(f"  {name:16s} {str(shape):16s} diffusers {rows[-1]['diffusers_ms']:.3f} ms  "
+                  f"fastdiff {rows[-1]['fastdiff_ms']:.3f} ms  ratio {rows[-1]['ratio']:.2f}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ (b) convergence
+def _t_of_sigma(model, sigma: float) -> float:
+    target, ac = 1.0 / (1.0 + sigma * sigma), model.alphas_cumprod.numpy()
+    k = int(np.clip(np.searchsorted(-ac, -target, side="right") - 1, 0, len(ac) - 2))
+    return k + (ac[k] - target) / (ac[k] - ac[k + 1])
+
+
+def bench_convergence(steps=(10, 20, 40, 80, 160, 320), lam=(-2.5, 2.5)) -> dict:
+    from diffusers import DPMSolverMultistepScheduler
+
+    from fastdiff.schedulers import DPMSolverPlusPlusScheduler
+    from fastdiff.testing import GaussianMixtureDenoiser
+
+    g = torch.Generator().manual_seed(0)
+    ac = DPMSolverPlusPlusScheduler().alphas_cumprod.double()
+    model = GaussianMixtureDenoiser(means=torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64) * 0.8,
+                                    stds=torch.tensor([0.3, 0.5, 0.4]), alphas_cumprod=ac)
+    x_T = torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64)
+    t0, t1 = _t_of_sigma(model, math.exp(-lam[0])), _t_of_sigma(model, math.exp(-lam[1]))
+    reference = model.exact_ode_solution(x_T, t0, t1, rtol=1e-12, atol=1e-14)
+
+    def run(order, n, warm, exact3=True, diffusers=False):
+        sigmas = np.exp(-np.linspace(lam[0], lam[1], n + 1))
+        t_model = [_t_of_sigma(model, s) for s in sigmas]
+        if diffusers:  # diffusers has no sigmas=: drive its internals with the same grid (float32 maths)
+            sched = DPMSolverMultistepScheduler(solver_order=order, lower_order_final=False)
+            sched.set_timesteps(n)
+            sched.sigmas = torch.from_numpy(sigmas.astype(np.float32))
+        else:
+            sched = DPMSolverPlusPlusScheduler(solver_order=order, lower_order_final=False, exact_third_order=exact3)
+            sched.set_timesteps(sigmas=sigmas)
+        x = x_T if not diffusers else x_T.float()
+        for i, t in enumerate(sched.timesteps):
+            eps = model(x, torch.tensor(t_model[i], dtype=torch.float64)).sample
+            x_next = sched.step(eps, t, x).prev_sample
+            if warm and i < order - 1:
+                x_next = model.exact_ode_solution(x.double(), t_model[i], t_model[i + 1], rtol=1e-12,
+                                                  atol=1e-14).to(x.dtype)
+            x = x_next
+        return (x.double() - reference).abs().max().item()
+
+    series = {}
+    variants = [("order 1", 1, {}), ("order 2 (2M)", 2, {}), ("order 3 (3M, exact_third_order)", 3, {}),
+                ("order 3 (3M, diffusers weight)", 3, {"exact3": False}),
+                ("diffusers 3M (fp32)", 3, {"diffusers": True})]
+    h = (lam[1] - lam[0]) / np.array(steps)
+    for label, order, kw in variants:
+        for warm in (True, False):
+            errs = [run(order, n, warm, **kw) for n in steps]
+            tail = slice(2, None)  # fit on N >= 40: the asymptotic range
+            slope = float(np.polyfit(np.log(h[tail]), np.log(errs[tail]), 1)[0])
+            series[f"{label} {'warm' if warm else 'cold'}"] = {"order": order, "warm": warm, "errors": errs,
+                                                               "slope": slope}
+            print(f"  {label:34s} {'warm' if warm else 'cold'}  slope {slope:.2f}  errors "
+                  + " ".join(f"{e:.1e}" for e in errs), flush=True)
+    return {"steps": list(steps), "h": h.tolist(), "lambda_range": list(lam), "series": series,
+            "fit": "least squares of log error on log h over N >= 40"}
+
+
+def plot_convergence(conv: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    h = np.array(conv["h"])
+    for label, s in conv["series"].items():
+        ax.loglog(h, s["errors"], "o-" if s["warm"] else "x--", label=f"{label} ({s['slope']:.2f})", ms=3)
+    ax.set_xlabel("h = step in log-SNR (lambda)")
+    ax.set_ylabel("max |x - exact ODE solution|")
+    ax.set_title("DPM-Solver++ convergence, Gaussian mixture, fp64")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ------------------------------------------------------------------------------------- (c) reference model
+def _frechet(feats: np.ndarray, real_feats: np.ndarray) -> float:
+    try:
+        from fastdiff.eval.metrics import compute_stats, frechet_distance
+
+        a, b = compute_stats(feats), compute_stats(real_feats)
+        return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    except ImportError:
+        from scipy import linalg
+
+        mu1, mu2 = feats.mean(0), real_feats.mean(0)
+        s1, s2 = np.cov(feats, rowvar=False), np.cov(real_feats, rowvar=False)
+        covmean = linalg.sqrtm(s1 @ s2).real
+        return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def _generate(pipe, n: int, labels, guidance: float, batch: int = 100, **call) -> torch.Tensor:
+    images = []
+    for start in range(0, n, batch):
+        idx = range(start, min(n, start + batch))
+        gens = [torch.Generator().manual_seed(i) for i in idx]  # seed = index, one generator per image
+        out = pipe(class_labels=[labels[i] for i in idx], guidance_scale=guidance, generator=gens,
+                   output_type="pt", **call)
+        images.append(out.images.float())
+    return torch.cat(images)
+
+
+def bench_reference(n: int = 500, nfes=(5, 6, 8, 10, 15, 20), n_guided: int = 200) -> dict:
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from fastdiff.models import load_digit_classifier, load_reference_pipeline
+    from fastdiff.models.data import load_digits
+    from fastdiff.schedulers import DPMSolverPlusPlusScheduler, DPMSolverPlusPlusSinglestepScheduler
+
+    pipe = load_reference_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    clf = load_digit_classifier()
+    base = pipe.scheduler.config
+    real, _ = load_digits("heldout")
+    with torch.no_grad():
+        real_feats = clf.features(real).numpy()
+    labels = [i % 10 for i in range(max(n, n_guided))]
+
+    def fd_of(images):
+        with torch.no_grad():
+            return _frechet(clf.features(images).numpy(), real_feats)
+
+    methods = {
+        "DDIM": lambda: DDIMScheduler.from_config(base),
+        "DPM++ 2M": lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=2),
+        "DPM++ 3M": lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=3),
+        "DPM++ 3M exact": lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=3, exact_third_order=True),
+        "DPM++ 2S": lambda: DPMSolverPlusPlusSinglestepScheduler.from_config(base, solver_order=2),
+        "DPM++ SDE-2M": lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=2,
+                                                                       algorithm_type="sde-dpmsolver++"),
+    }
+    rows = []
+    t0 = time.perf_counter()
+    pipe.scheduler = DDPMScheduler.from_config(base)
+    ddpm_images = _generate(pipe, n, labels, 1.0, num_inference_steps=1000)
+    ddpm_fd = fd_of(ddpm_images)
+    rows.append({"method": "DDPM", "nfe": 1000, "fd": ddpm_fd, "s_per_image": (time.perf_counter() - t0) / n})
+    print(f"  DDPM-1000 FD {ddpm_fd:.3f}", flush=True)
+    for name, make in methods.items():
+        for nfe in nfes:
+            pipe.scheduler = make()
+            t0 = time.perf_counter()
+            images = _generate(pipe, n, labels, 1.0, num_inference_steps=nfe)
+            rows.append({"method": name, "nfe": nfe, "fd": fd_of(images),
+                         "s_per_image": (time.perf_counter() - t0) / n})
+            print(f"  {name:14s} NFE {nfe:3d} FD {rows[-1]['fd']:.3f}", flush=True)
+    best = {}
+    for name in methods:
+        ok = [r["nfe"] for r in rows if r["method"] == name and r["fd"] <= 1.1 * ddpm_fd]
+        best[name] = min(ok) if ok else None
+
+    guided = []
+    stress = {
+        "DDIM-50": (lambda: DDIMScheduler.from_config(base), 50),
+        "DPM++ 2M-20 + thresholding": (lambda: DPMSolverPlusPlusScheduler.from_config(
+            base, solver_order=2, thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.995), 20),
+        "DPM++ 2M-15 + thresholding": (lambda: DPMSolverPlusPlusScheduler.from_config(
+            base, solver_order=2, thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.995), 15),
+        "DPM++ 2M-20": (lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=2), 20),
+    }
+    for w in (3.0, 5.0):
+        for name, (make, steps) in stress.items():
+            pipe.scheduler = make()
+            t0 = time.perf_counter()
+            images = _generate(pipe, n_guided, labels, w, num_inference_steps=steps)
+            with torch.no_grad():
+                pred = clf.log_prob(images).argmax(-1).numpy()
+            agree = float(np.mean(pred == np.array(labels[:n_guided])))
+            guided.append({"method": name, "guidance": w, "nfe": steps, "agreement": agree, "fd": fd_of(images),
+                           "s_per_image": (time.perf_counter() - t0) / n_guided})
+            print(f"  w={w} {name:28s} agreement {agree:.3f} FD {guided[-1]['fd']:.3f}", flush=True)
+    return {"n": n, "n_guided": n_guided, "features": "lenet (fastdiff digit classifier, 128-d penultimate layer)",
+            "real_stats": "held-out split, 1000 digits", "rows": rows, "ddpm_fd": ddpm_fd,
+            "smallest_nfe_within_10pct_of_ddpm": best, "guided": guided}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def write_markdown(results: dict, path: Path) -> None:
+    lines = ["# DPM-Solver++ schedulers: benchmark", "", f"Environment: `{json.dumps(results['env'])}`", ""]
+    if "step_time" in results:
+        lines += ["## (a) `step()` time vs diffusers (CPU, 20 steps, best of 5; ratio = fastdiff / diffusers)", "",
+                  "| config | shape | diffusers ms | fastdiff ms | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {r['config']} | {tuple(r['shape'])} | {r['diffusers_ms']:.3f} | {r['fastdiff_ms']:.3f} | "
+                  f"{r['ratio']:.2f} |" for r in results["step_time"]]
+        lines.append("")
+    if "convergence" in results:
+        conv = results["convergence"]
+        lines += ["## (b) Convergence on the exact Gaussian-mixture denoiser (fp64)", "",
+                  f"Uniform log-SNR grid on lambda in {conv['lambda_range']}, N = {conv['steps']}; error = max |x_N - "
+                  f"exact ODE solution| (DOP853, rtol 1e-12); slope = {conv['fit']}. Warm = multistep history "
+                  "seeded with exact states; cold = plain start (first steps of lower order).", "",
+                  "| solver | start | slope | error at N=40 | error at N=320 |", "|---|---|---|---|---|"]
+        for label, s in conv["series"].items():
+            lines.append(f"| {label.rsplit(' ', 1)[0]} | {'warm' if s['warm'] else 'cold'} | {s['slope']:.2f} | "
+                         f"{s['errors'][2]:.2e} | {s['errors'][-1]:.2e} |")
+        lines += ["", "![convergence](convergence.png)", ""]
+    if "reference" in results:
+        ref = results["reference"]
+        lines += ["## (c) Reference model: FD vs NFE", "",
+                  f"N = {ref['n']} images (labels i % 10, seed = index), features: {ref['features']}; real stats: "
+                  f"{ref['real_stats']}. DDPM-1000 FD = {ref['ddpm_fd']:.3f}.", "",
+                  "| method | NFE | FD | s/image |", "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['nfe']} | {r['fd']:.3f} | {r['s_per_image']:.4f} |" for r in ref["rows"]]
+        lines += ["", "Smallest NFE with FD <= 1.1 x DDPM-1000: "
+                  + ", ".join(f"{k}: {v}" for k, v in ref["smallest_nfe_within_10pct_of_ddpm"].items()), "",
+                  f"### Guided stress test (N = {ref['n_guided']}, class agreement = argmax of the classifier)", "",
+                  "| guidance | method | NFE | agreement | FD |", "|---|---|---|---|---|"]
+        lines += [f"| {g['guidance']} | {g['method']} | {g['nfe']} | {g['agreement']:.3f} | {g['fd']:.3f} |"
+                  for g in ref["guided"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="a,b,c", help="comma-separated subset of a,b,c")
+    p.add_argument("--n", type=int, default=500, help="images per FD point in part c")
+    p.add_argument("--n-guided", type=int, default=200, help="images per guided stress-test cell in part c")
+    args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["env"] = _env()
+    if "a" in parts:
+        print("(a) step() time", flush=True)
+        results["step_time"] = bench_step_time()
+    if "b" in parts:
+        print("(b) convergence", flush=True)
+        results["convergence"] = bench_convergence()
+        plot_convergence(results["convergence"], OUT / "convergence.png")
+    if "c" in parts:
+        from fastdiff.models.train import UNET_FILE, WEIGHTS_DIR
+
+        if not (WEIGHTS_DIR / UNET_FILE).exists():
+            print(f"(c) skipped: {WEIGHTS_DIR / UNET_FILE} does not exist yet (run `fastdiff train-reference`).")
+        else:
+            print("(c) reference model", flush=True)
+            results["reference"] = bench_reference(args.n, n_guided=args.n_guided)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, OUT / "results.md")
+    print(f"wrote {path} and {OUT / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
