@@ -236,3 +236,17 @@ def test_cli_writes_schedule(tmp_path):
     assert code == 0
     result = SearchResult.load(out)
     assert len(result.timesteps) == 3 and result.evaluations == 6
+
+
+def test_gits_style_baseline_returns_a_valid_schedule_on_the_grid(tiny_pipe):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from fastdiff.search.baselines import gits_timesteps
+
+    noise = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(0))
+    kwargs = {"prompt": ["a red cube"], "height": 64, "width": 64}
+    timesteps = gits_timesteps(tiny_pipe, 3, noise, kwargs, grid_size=6)
+    grid = DPMSolverMultistepScheduler.from_config(tiny_pipe.scheduler.config, use_karras_sigmas=True)
+    grid.set_timesteps(6)
+    assert len(timesteps) == 3 and timesteps == sorted(set(timesteps), reverse=True)
+    assert timesteps[0] == int(grid.timesteps[0]) and set(timesteps) <= {int(t) for t in grid.timesteps}

@@ -54,7 +54,8 @@ class SearchConfig:
         image_seed: first seed of the fixed images (common random numbers across candidates).
         batch_size: images per pipeline call.
         pipe_kwargs: fixed pipeline arguments, e.g. {"guidance_scale": 2.0}.
-        reference_stats: `.npz` reference stats for 'fd'/'kid' (default for the reference model: held-out digits).
+        reference_stats: `.npz` reference stats for 'fd'/'kid' (default for the reference model: 4000 training
+            digits, so that the held-out digits stay unseen by the search).
         extractor: name of the feature extractor the stats were computed with.
         num_key_steps: enables stage 2 with this many encoder key steps out of K.
         key_step_presets: starting key-step sets for stage 2 (e.g. a Faster Diffusion preset).
@@ -180,7 +181,7 @@ def _exact_model(pipe, required: bool):
 
 
 def _reference_objective(pipe, metric: str, config: SearchConfig) -> PipelineObjective:
-    """FD/KID objective with the built-in digit classifier; reference = held-out digits unless stats are given."""
+    """FD/KID objective with the built-in digit classifier; reference = 4000 training digits unless stats are given."""
     from fastdiff.models import load_digit_classifier
     from fastdiff.models.pipeline import ReferencePipeline
 
@@ -195,9 +196,9 @@ def _reference_objective(pipe, metric: str, config: SearchConfig) -> PipelineObj
     else:
         from fastdiff.models.data import load_digits
 
-        images, _ = load_digits("heldout")
+        images, _ = load_digits("train")  # the held-out digits stay unseen, for evaluating the result
         with torch.no_grad():
-            reference = ReferenceStats.from_features(clf.features(images.to(pipe.device)).cpu(), "lenet")
+            reference = ReferenceStats.from_features(clf.features(images[:4000].to(pipe.device)).cpu(), "lenet")
     labels = [i % 10 for i in range(config.num_samples)]
     return PipelineObjective(pipe, clf.features, reference, extractor="lenet", metric=metric,  # type: ignore[arg-type]
                              num_samples=config.num_samples, seed=config.image_seed, pipe_kwargs=config.pipe_kwargs,
@@ -240,7 +241,7 @@ def search_timesteps(
         pipe: the pipeline whose scheduler (e.g. DPM-Solver++) samples the candidates; for
             objective='exact', a `GaussianMixtureDenoiser` (sampled with DPM-Solver++ 2M).
         num_steps: K, the number of steps (model evaluations) of the schedule.
-        objective: 'fd', 'kid' (reference model: digit features vs held-out digits), 'exact', or any callable
+        objective: 'fd', 'kid' (reference model: digit features vs training digits), 'exact', or any callable
             Candidate -> fitness (lower is better).
         config: `SearchConfig`.
         checkpoint: JSON file updated after every evaluation; an existing one (same search) is resumed.
@@ -332,7 +333,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fastdiff search`."""
     parser.add_argument("--steps", type=int, required=True, help="K, the number of steps of the schedule")
     parser.add_argument("--objective", choices=OBJECTIVES, default="fd",
-                        help="fd/kid: reference-model digits vs held-out digits; exact: a built-in Gaussian mixture")
+                        help="fd/kid: reference-model digits vs training digits; exact: a built-in Gaussian mixture")
     parser.add_argument("--out", default="schedule.json", help="schedule JSON to write")
     parser.add_argument("--checkpoint", default=None, help="JSON checkpoint, updated per evaluation; resumed")
     parser.add_argument("--seed", type=int, default=0)
@@ -341,7 +342,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluations", type=int, default=80, help="stage-1 budget (objective evaluations)")
     parser.add_argument("--num-samples", type=int, default=256, help="images per evaluation (fixed seeds)")
     parser.add_argument("--guidance-scale", type=float, default=2.0)
-    parser.add_argument("--reference-stats", default=None, help=".npz stats (default: held-out digits, lenet)")
+    parser.add_argument("--reference-stats", default=None, help=".npz stats (default: 4000 training digits, lenet)")
     parser.add_argument("--key-steps", type=int, default=None, help="stage 2: search this many key steps jointly")
     parser.add_argument("--stage2-evaluations", type=int, default=40)
     parser.add_argument("--device", default="cpu")
