@@ -34,6 +34,10 @@ def reference_pipe():
 
 
 def _scheduler(kind: str, config):
+    if kind == "fastdiff-sde-dpmsolver++":
+        from fastdiff.schedulers import DPMSolverPlusPlusScheduler
+
+        return DPMSolverPlusPlusScheduler.from_config(config, algorithm_type="sde-dpmsolver++")
     if kind == "ddpm":
         return DDPMScheduler.from_config(config)
     if kind == "sde-dpmsolver++":
@@ -47,7 +51,7 @@ QUIET = dict(show_progress=False)
 # --- M = 1, alpha = 0 is the plain pipeline, bit for bit -------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["ddpm", "ddim-eta1"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim-eta1", "fastdiff-sde-dpmsolver++"])
 def test_m1_reproduces_reference_pipeline(reference_pipe, kind):
     reference_pipe.scheduler = _scheduler(kind, reference_train.SCHEDULER_CONFIG)
     kw = dict(class_labels=[1, 7, 3], guidance_scale=2.0, num_inference_steps=5, eta=1.0)
@@ -79,6 +83,21 @@ def test_m1_reproduces_tiny_sdxl():
     assert torch.equal(out.images, plain)
 
 
+def test_composes_with_encoder_propagation(tiny_sd):
+    from fastdiff.hooks import EncoderPropagationConfig, encoder_propagation
+
+    tiny_sd.scheduler = DDPMScheduler.from_config(tiny_sd.scheduler.config)
+    kw = dict(prompt=["a red cube", "a blue sky"], num_inference_steps=5, height=64, width=64, guidance_scale=3.0)
+    with encoder_propagation(tiny_sd, EncoderPropagationConfig(key_steps=[0, 2, 4])):
+        plain = tiny_sd(**kw, generator=_gens(2), output_type="pt").images
+        out = svdd_sample(tiny_sd, brightness, SVDDConfig(num_candidates=1, **QUIET), **kw, generator=_gens(2))
+        assert torch.equal(out.images, plain)
+        mc = SVDDConfig(num_candidates=3, variant="mc", value_fn=lambda x, t: -x.mean(dim=(1, 2, 3)), **QUIET)
+        assert svdd_sample(tiny_sd, brightness, mc, **kw, generator=_gens(2)).nfe == 5
+        with pytest.raises(ValueError, match="variant='mc'"):
+            svdd_sample(tiny_sd, brightness, SVDDConfig(num_candidates=2, **QUIET), **kw, generator=_gens(2))
+
+
 # --- the candidate batch ------------------------------------------------------------------------------
 
 
@@ -98,12 +117,16 @@ def test_cfg_candidate_rows_match_per_image_guidance(tiny_sd):
         torch.testing.assert_close(batched[row : row + 1], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_sde_dpmsolver_history_follows_chosen_children(reference_pipe):
+@pytest.mark.parametrize("solver", ["diffusers", "fastdiff"])
+def test_sde_dpmsolver_history_follows_chosen_children(reference_pipe, solver):
     """Replaying the chosen noises through a fresh SDE-DPM-Solver++ (order 2) gives SVDD's samples."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    reference_pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        reference_train.SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++", solver_order=2)
+    from fastdiff.schedulers import DPMSolverPlusPlusScheduler
+
+    cls = DPMSolverMultistepScheduler if solver == "diffusers" else DPMSolverPlusPlusScheduler
+    reference_pipe.scheduler = cls.from_config(reference_train.SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++",
+                                               solver_order=2)
     n, m, steps = 2, 3, 5
     kw = dict(class_labels=[2, 5], guidance_scale=1.0, num_inference_steps=steps)
     out = svdd_sample(reference_pipe, brightness, SVDDConfig(num_candidates=m, **QUIET), **kw,
@@ -112,7 +135,7 @@ def test_sde_dpmsolver_history_follows_chosen_children(reference_pipe):
 
     gens = _gens(n)
     latents = randn_tensor((n, 4, 16, 16), generator=gens)
-    scheduler = DPMSolverMultistepScheduler.from_config(reference_pipe.scheduler.config)
+    scheduler = cls.from_config(reference_pipe.scheduler.config)
     scheduler.set_timesteps(steps)
     labels = torch.tensor([2, 5])
     cond = torch.nn.functional.one_hot(labels, 11).float().unsqueeze(1)
@@ -263,7 +286,8 @@ def test_value_network_learns_reward_and_round_trips(reference_pipe, tmp_path):
     level = torch.rand(256, generator=g) * 2 - 1  # clean latents of varying brightness
     latents = level.view(-1, 1, 1, 1) + 0.1 * torch.randn(256, 4, 16, 16, generator=g)
     latents = latents.clamp(-1, 1)
-    net = train_value_function(reference_pipe, brightness, latents=latents, steps=150, batch_size=64, seed=0)
+    net = train_value_function(reference_pipe, brightness, latents=latents, steps=80, batch_size=32, seed=0,
+                               channels=16)
     from fastdiff.models.unet import decode
 
     target = brightness(decode(latents))

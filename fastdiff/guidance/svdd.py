@@ -336,6 +336,23 @@ def _reindex_history(scheduler, rows: torch.Tensor, size: int) -> None:
                                       for v in value])
 
 
+def _check_encoder_propagation(unet, config: SVDDConfig, batch: int) -> None:
+    """Encoder propagation (fastdiff.hooks) assumes one UNet call per step on a fixed batch: reject what breaks it."""
+    from fastdiff.hooks.encoder_propagation import HOOK_NAME
+
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is None or registry.get_hook(HOOK_NAME) is None:
+        return
+    if config.variant == "pm" and config.num_candidates > 1:
+        raise ValueError(
+            "encoder propagation caches UNet features per step for a fixed batch, but SVDD-PM with M > 1 runs the "
+            "UNet on the B*M candidates: use variant='mc' (one UNet call per step on the kept samples), M = 1, "
+            "or remove_encoder_propagation(pipe) first."
+        )
+    if config.max_batch is not None and config.max_batch < batch:
+        raise ValueError(f"with encoder propagation, max_batch must be >= the batch size ({batch}) or None.")
+
+
 def _warn_if_identical(children: torch.Tensor, batch: int, num_candidates: int) -> None:
     grouped = children.reshape(batch, num_candidates, -1)
     if num_candidates > 1 and torch.equal(grouped, grouped[:, :1].expand_as(grouped)):
@@ -393,6 +410,7 @@ def svdd_sample(pipe, reward_fn: RewardFn, config: SVDDConfig | None = None, **p
     m, max_batch = config.num_candidates, config.max_batch
     latents, timesteps = prep.latents, prep.timesteps
     batch, num_steps = len(latents), len(timesteps)
+    _check_encoder_propagation(pipe.unet, config, batch)
     step_kwargs = _step_kwargs(scheduler, prep.generator, prep.eta, m)
     owner = torch.arange(batch, device=latents.device)
     owner_children = owner.repeat_interleave(m)
