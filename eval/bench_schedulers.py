@@ -181,7 +181,8 @@ def _generate(pipe, n: int, labels, guidance: float, batch: int = 100, **call) -
     return torch.cat(images)
 
 
-def bench_reference(n: int = 500, nfes=(5, 6, 8, 10, 15, 20), n_guided: int = 200) -> dict:
+def bench_reference(n: int = 500, nfes=(5, 6, 8, 10, 15, 20), n_guided: int = 200, save=None) -> dict:
+    """Guided stress test first (the paper's claim), then FD vs NFE, then DDPM-1000; `save(partial)` after each."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from fastdiff.models import load_digit_classifier, load_reference_pipeline
@@ -196,48 +197,21 @@ def bench_reference(n: int = 500, nfes=(5, 6, 8, 10, 15, 20), n_guided: int = 20
     with torch.no_grad():
         real_feats = clf.features(real).numpy()
     labels = [i % 10 for i in range(max(n, n_guided))]
+    res = {"n": n, "n_guided": n_guided, "features": "lenet (fastdiff digit classifier, 128-d penultimate layer)",
+           "real_stats": "held-out split, 1000 digits", "guidance_for_fd": 1.0, "rows": [], "guided": [],
+           "ddpm_fd": None, "smallest_nfe_within_10pct_of_ddpm": {}}
 
     def fd_of(images):
         with torch.no_grad():
             return _frechet(clf.features(images).numpy(), real_feats)
 
-    methods = {
-        "DDIM": lambda: DDIMScheduler.from_config(base),
-        "DPM++ 2M": lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=2),
-        "DPM++ 3M": lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=3),
-        "DPM++ 3M exact": lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=3, exact_third_order=True),
-        "DPM++ 2S": lambda: DPMSolverPlusPlusSinglestepScheduler.from_config(base, solver_order=2),
-        "DPM++ SDE-2M": lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=2,
-                                                                       algorithm_type="sde-dpmsolver++"),
-    }
-    rows = []
-    t0 = time.perf_counter()
-    pipe.scheduler = DDPMScheduler.from_config(base)
-    ddpm_images = _generate(pipe, n, labels, 1.0, num_inference_steps=1000)
-    ddpm_fd = fd_of(ddpm_images)
-    rows.append({"method": "DDPM", "nfe": 1000, "fd": ddpm_fd, "s_per_image": (time.perf_counter() - t0) / n})
-    print(f"  DDPM-1000 FD {ddpm_fd:.3f}", flush=True)
-    for name, make in methods.items():
-        for nfe in nfes:
-            pipe.scheduler = make()
-            t0 = time.perf_counter()
-            images = _generate(pipe, n, labels, 1.0, num_inference_steps=nfe)
-            rows.append({"method": name, "nfe": nfe, "fd": fd_of(images),
-                         "s_per_image": (time.perf_counter() - t0) / n})
-            print(f"  {name:14s} NFE {nfe:3d} FD {rows[-1]['fd']:.3f}", flush=True)
-    best = {}
-    for name in methods:
-        ok = [r["nfe"] for r in rows if r["method"] == name and r["fd"] <= 1.1 * ddpm_fd]
-        best[name] = min(ok) if ok else None
-
-    guided = []
+    dpm = DPMSolverPlusPlusScheduler.from_config
+    thr = dict(thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.995)
     stress = {
         "DDIM-50": (lambda: DDIMScheduler.from_config(base), 50),
-        "DPM++ 2M-20 + thresholding": (lambda: DPMSolverPlusPlusScheduler.from_config(
-            base, solver_order=2, thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.995), 20),
-        "DPM++ 2M-15 + thresholding": (lambda: DPMSolverPlusPlusScheduler.from_config(
-            base, solver_order=2, thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.995), 15),
-        "DPM++ 2M-20": (lambda: DPMSolverPlusPlusScheduler.from_config(base, solver_order=2), 20),
+        "DPM++ 2M-20 + thresholding": (lambda: dpm(base, solver_order=2, **thr), 20),
+        "DPM++ 2M-15 + thresholding": (lambda: dpm(base, solver_order=2, **thr), 15),
+        "DPM++ 2M-20": (lambda: dpm(base, solver_order=2), 20),
     }
     for w in (3.0, 5.0):
         for name, (make, steps) in stress.items():
@@ -247,12 +221,42 @@ def bench_reference(n: int = 500, nfes=(5, 6, 8, 10, 15, 20), n_guided: int = 20
             with torch.no_grad():
                 pred = clf.log_prob(images).argmax(-1).numpy()
             agree = float(np.mean(pred == np.array(labels[:n_guided])))
-            guided.append({"method": name, "guidance": w, "nfe": steps, "agreement": agree, "fd": fd_of(images),
-                           "s_per_image": (time.perf_counter() - t0) / n_guided})
-            print(f"  w={w} {name:28s} agreement {agree:.3f} FD {guided[-1]['fd']:.3f}", flush=True)
-    return {"n": n, "n_guided": n_guided, "features": "lenet (fastdiff digit classifier, 128-d penultimate layer)",
-            "real_stats": "held-out split, 1000 digits", "rows": rows, "ddpm_fd": ddpm_fd,
-            "smallest_nfe_within_10pct_of_ddpm": best, "guided": guided}
+            res["guided"].append({"method": name, "guidance": w, "nfe": steps, "agreement": agree,
+                                  "fd": fd_of(images), "s_per_image": (time.perf_counter() - t0) / n_guided})
+            print(f"  w={w} {name:28s} agreement {agree:.3f} FD {res['guided'][-1]['fd']:.3f}", flush=True)
+            if save:
+                save(res)
+
+    methods = {
+        "DDIM": lambda: DDIMScheduler.from_config(base),
+        "DPM++ 2M": lambda: dpm(base, solver_order=2),
+        "DPM++ 3M": lambda: dpm(base, solver_order=3),
+        "DPM++ 3M exact": lambda: dpm(base, solver_order=3, exact_third_order=True),
+        "DPM++ 2S": lambda: DPMSolverPlusPlusSinglestepScheduler.from_config(base, solver_order=2),
+        "DPM++ SDE-2M": lambda: dpm(base, solver_order=2, algorithm_type="sde-dpmsolver++"),
+    }
+    for nfe in nfes:
+        for name, make in methods.items():
+            pipe.scheduler = make()
+            t0 = time.perf_counter()
+            images = _generate(pipe, n, labels, 1.0, num_inference_steps=nfe)
+            res["rows"].append({"method": name, "nfe": nfe, "fd": fd_of(images),
+                                "s_per_image": (time.perf_counter() - t0) / n})
+            print(f"  {name:14s} NFE {nfe:3d} FD {res['rows'][-1]['fd']:.3f}", flush=True)
+            if save:
+                save(res)
+    pipe.scheduler = DDPMScheduler.from_config(base)
+    t0 = time.perf_counter()
+    ddpm_fd = fd_of(_generate(pipe, n, labels, 1.0, num_inference_steps=1000))
+    res["rows"].append({"method": "DDPM", "nfe": 1000, "fd": ddpm_fd, "s_per_image": (time.perf_counter() - t0) / n})
+    res["ddpm_fd"] = ddpm_fd
+    print(f"  DDPM-1000 FD {ddpm_fd:.3f}", flush=True)
+    for name in methods:
+        ok = [r["nfe"] for r in res["rows"] if r["method"] == name and r["fd"] <= 1.1 * ddpm_fd]
+        res["smallest_nfe_within_10pct_of_ddpm"][name] = min(ok) if ok else None
+    if save:
+        save(res)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -279,7 +283,8 @@ def write_markdown(results: dict, path: Path) -> None:
         ref = results["reference"]
         lines += ["## (c) Reference model: FD vs NFE", "",
                   f"N = {ref['n']} images (labels i % 10, seed = index), features: {ref['features']}; real stats: "
-                  f"{ref['real_stats']}. DDPM-1000 FD = {ref['ddpm_fd']:.3f}.", "",
+                  f"{ref['real_stats']}; guidance 1 (plain conditional). DDPM-1000 FD = "
+                  f"{'not yet measured' if ref['ddpm_fd'] is None else format(ref['ddpm_fd'], '.3f')}.", "",
                   "| method | NFE | FD | s/image |", "|---|---|---|---|"]
         lines += [f"| {r['method']} | {r['nfe']} | {r['fd']:.3f} | {r['s_per_image']:.4f} |" for r in ref["rows"]]
         lines += ["", "Smallest NFE with FD <= 1.1 x DDPM-1000: "
@@ -296,6 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default="a,b,c", help="comma-separated subset of a,b,c")
     p.add_argument("--n", type=int, default=500, help="images per FD point in part c")
     p.add_argument("--n-guided", type=int, default=200, help="images per guided stress-test cell in part c")
+    p.add_argument("--nfes", default="5,6,8,10,15,20", help="NFEs of the FD-vs-NFE table in part c")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -316,7 +322,13 @@ def main(argv=None) -> int:
             print(f"(c) skipped: {WEIGHTS_DIR / UNET_FILE} does not exist yet (run `fastdiff train-reference`).")
         else:
             print("(c) reference model", flush=True)
-            results["reference"] = bench_reference(args.n, n_guided=args.n_guided)
+            def save(partial):
+                results["reference"] = partial
+                path.write_text(json.dumps(results, indent=2) + "\n")
+                write_markdown(results, OUT / "results.md")
+
+            results["reference"] = bench_reference(args.n, tuple(int(v) for v in args.nfes.split(",")),
+                                                   n_guided=args.n_guided, save=save)
     path.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, OUT / "results.md")
     print(f"wrote {path} and {OUT / 'results.md'}")

@@ -81,7 +81,8 @@ class DPMSolverPlusPlusBase:
         if c.final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"unknown final_sigmas_type {c.final_sigmas_type!r}: use 'zero' or 'sigma_min'.")
         if c.timestep_spacing not in ("linspace", "leading", "trailing"):
-            raise ValueError(f"unknown timestep_spacing {c.timestep_spacing!r}: use 'linspace', 'leading' or 'trailing'.")
+            raise ValueError(f"unknown timestep_spacing {c.timestep_spacing!r}: "
+                             "use 'linspace', 'leading' or 'trailing'.")
         if c.variance_type not in (None, "learned", "learned_range"):
             raise ValueError(f"unknown variance_type {c.variance_type!r}: use None, 'learned' or 'learned_range'.")
         flags = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
@@ -251,7 +252,8 @@ class DPMSolverPlusPlusBase:
         if self._begin_index is None:
             idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1)]
         else:
-            idx = [self._step_index if self._step_index is not None else self._begin_index] * timesteps.reshape(-1).shape[0]
+            start = self._step_index if self._step_index is not None else self._begin_index
+            idx = [start] * timesteps.reshape(-1).shape[0]
         s = torch.from_numpy(self._sigma64[idx]).to(original_samples.device)
         alpha = 1.0 / torch.sqrt(1.0 + s**2)
         shape = (-1,) + (1,) * (original_samples.ndim - 1)

@@ -171,7 +171,8 @@ def load_schedule(path: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != SCHEDULE_FORMAT:
         raise ValueError(f"{path} is not a fastdiff schedule (missing format={SCHEDULE_FORMAT!r}).")
     if record.get("version") != SCHEDULE_VERSION:
-        raise ValueError(f"{path} has schedule version {record.get('version')}; this fastdiff reads {SCHEDULE_VERSION}.")
+        raise ValueError(f"{path} has schedule version {record.get('version')}; "
+                         f"this fastdiff reads {SCHEDULE_VERSION}.")
     if "timesteps" in record:
         record["timesteps"] = validate_timesteps(record["timesteps"])
     if "sigmas" in record:
