@@ -41,7 +41,6 @@ def main() -> None:
     ap.add_argument("--n-default", type=int, default=1000)
     ap.add_argument("--n-stress", type=int, default=200)
     ap.add_argument("--n-ddpm", type=int, default=100)
-    ap.add_argument("--default-guidance", type=float, default=None, help="default: the pipeline's own default")
     args = ap.parse_args()
     torch.manual_seed(0)
     pipe = load_reference_pipeline()
@@ -49,15 +48,15 @@ def main() -> None:
     clf = load_digit_classifier()
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
-    default_g = args.default_guidance if args.default_guidance is not None else reference_record().get(
-        "default_guidance_scale", 2.0)
+    shipped = pipe.scheduler
+    default = reference_record()["default_sampler"]
 
     heldout, _ = load_digits("heldout")
     train, _ = load_digits("train")
     with torch.no_grad():
         f_held = clf.features(heldout).numpy()
         f_train = clf.features(train[: len(heldout)]).numpy()
-    mu_h, sig_h = compute_stats(f_held)
+    held = compute_stats(f_held)
     rows = []
 
     def evaluate(name: str, scheduler, steps: int, g: float, n: int) -> dict:
@@ -67,18 +66,21 @@ def main() -> None:
         with torch.no_grad():
             agree = (clf.log_prob(images).argmax(-1) == labels).float().mean().item()
             feats = clf.features(images).numpy()
-        fd = frechet_distance(*compute_stats(feats), mu_h, sig_h)
+        gen = compute_stats(feats)
+        fd = frechet_distance(gen.mu, gen.sigma, held.mu, held.sigma)
         row = {"method": name, "steps": steps, "guidance": g, "n": n, "class_agreement": round(agree, 4),
                "fd_lenet_vs_heldout": round(float(fd), 3), "s_per_image": round(spi, 4)}
         print(row, flush=True)
         rows.append(row)
         return row
 
-    evaluate("DDIM (shipped default)", ddim, 50, default_g, args.n_default)
+    evaluate(f"{default['scheduler']} (shipped default)", shipped, default["num_inference_steps"],
+             default["guidance_scale"], args.n_default)
     for g in (1.0, 2.0, 3.0, 5.0):
         evaluate("DDIM", ddim, 50, g, args.n_stress)
     evaluate("DDPM", ddpm, 1000, 3.0, args.n_ddpm)
-    fd_real = float(frechet_distance(*compute_stats(f_train), mu_h, sig_h))
+    real = compute_stats(f_train)
+    fd_real = float(frechet_distance(real.mu, real.sigma, held.mu, held.sigma))
 
     result = {
         "rows": rows, "fd_real_train_vs_heldout": round(fd_real, 3), "n_real": len(heldout),

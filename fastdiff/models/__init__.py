@@ -18,8 +18,8 @@ def _weights(name: str, weights_dir: Path | None) -> Path:
 
 
 def load_reference_pipeline(weights_dir: str | Path | None = None, device: str = "cpu"):
-    """The reference `ReferencePipeline` (EMA UNet + its DDIM scheduler with x0 clipping), loaded offline."""
-    from diffusers import DDIMScheduler
+    """The reference `ReferencePipeline` (EMA UNet + its shipped DDPM scheduler, x0 clipped), loaded offline."""
+    import diffusers
     from safetensors.torch import load_file
 
     from fastdiff.models.pipeline import ReferencePipeline
@@ -28,8 +28,8 @@ def load_reference_pipeline(weights_dir: str | Path | None = None, device: str =
     unet = build_reference_unet()
     unet.load_state_dict(load_file(str(_weights(UNET_FILE, weights_dir))))
     config = json.loads(_weights(SCHEDULER_FILE, weights_dir).read_text())
-    config.pop("_class_name", None)
-    pipe = ReferencePipeline(unet=unet.eval(), scheduler=DDIMScheduler(**config))
+    scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
+    pipe = ReferencePipeline(unet=unet.eval(), scheduler=scheduler)
     return pipe.to(device)
 
 

@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from fastdiff.models.train import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from fastdiff.models.unet import NULL_LABEL, NUM_CLASSES, decode, label_condition
 
 
@@ -56,8 +57,8 @@ class ReferencePipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: int | list[int] | torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        num_inference_steps: int = 50,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        num_inference_steps: int = DEFAULT_STEPS,
         timesteps: list[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -72,7 +73,7 @@ class ReferencePipeline(DiffusionPipeline):
 
         Args:
             class_labels: one int or a list, 0-9; None samples with the null label.
-            guidance_scale: classifier-free guidance weight w (1.0 = plain conditional model).
+            guidance_scale: classifier-free guidance weight w (1.0 = plain conditional model; default 3.0).
             num_inference_steps / timesteps: the step count, or explicit timesteps for the scheduler.
             generator: one generator, or one per image (an image then depends only on its own seed).
             eta: passed to schedulers whose `step` takes it (DDIM).
