@@ -345,24 +345,31 @@ def main() -> None:
     parser.add_argument("--parts", default="flops,speed,quality")
     parser.add_argument("--n", type=int, default=500, help="images per method for the quality part")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--batches", default="1,4", help="batch sizes for the speed part")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.update({"env": _env(), "date": time.strftime("%Y-%m-%d %H:%M"), "steps": STEPS})
+
+    def save() -> None:  # after every part, so a long run keeps what it measured
+        path.write_text(json.dumps(results, indent=2, default=float))
+        (OUT / "results.md").write_text(_markdown(results))
+
     if "flops" in parts:
         print("FLOPs:", flush=True)
         results["flops"] = flops_table()
-    if "speed" in parts:
-        print("speed:", flush=True)
-        results["speed"] = speed_table(repeats=args.repeats)
-        results["deepcache"] = _deepcache_available()
+        save()
     if "quality" in parts:
         print("quality:", flush=True)
         results["quality"], results["n"] = quality_table(args.n), args.n
-    path.write_text(json.dumps(results, indent=2, default=float))
-    (OUT / "results.md").write_text(_markdown(results))
+        save()
+    if "speed" in parts:
+        print("speed:", flush=True)
+        results["speed"] = speed_table(batches=tuple(int(b) for b in args.batches.split(",")), repeats=args.repeats)
+        results["deepcache"] = _deepcache_available()
+        save()
     print(_markdown(results))
 
 
