@@ -4,7 +4,7 @@ Parts (each prints a table and writes JSON + markdown to eval/results/search/):
   exact      Gaussian mixture in 1x4x4, exact moments, DPM-Solver++ 2M, K = 4 and 6            (seconds)
   reference  the shipped digit model, DPM-Solver++ 2M, K = 4 and 6: search with FD (lenet features) of
              N_search images at seeds 100000+ against *training* digits; every schedule is then scored on
-             held-out seeds 0..N_eval-1 against the *held-out* digits (never seen by the search)  (~10-15 min)
+             held-out seeds 0..N_eval-1 against the *held-out* digits (never seen by the search)  (~15 min)
   joint      reference model, K = 10: timestep search + Faster Diffusion "fd20" key steps vs joint search of
              timesteps and key steps, same number of key steps (equal UNet FLOPs)                (~10 min)
 
@@ -155,12 +155,12 @@ def _score_flags(pipe, held, k: int, **flags) -> tuple[float, list[int]]:
         pipe.scheduler = original
 
 
-def part_reference(out: Path, smoke: bool) -> None:
+def part_reference(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 1000) -> None:
     from fastdiff.search.baselines import ays_timesteps, gits_timesteps
 
     pipe, clf, encode, train_images, train_labels, held_images = _reference(smoke)
-    n_search, n_eval = (16, 32) if smoke else (256, 1000)
-    budgets = {4: 4, 6: 4} if smoke else {4: 80, 6: 60}
+    n_search, n_eval = (16, 32) if smoke else (n_search, n_eval)
+    budgets = {4: 4, 6: 4} if smoke else {4: 60, 6: 60}
     warm = 8 if smoke else 32
     search_obj, held = _objectives(pipe, clf, train_images, held_images, n_search, n_eval, 100_000)
     record = {"setting": "reference digit model, DPMSolverPlusPlusScheduler order 2 (from the model's config), "
@@ -176,6 +176,9 @@ def part_reference(out: Path, smoke: bool) -> None:
         result = search_timesteps(pipe, k, search_obj, SearchConfig(seed=0, max_evaluations=budget,
                                                                     population_size=16, num_parents=6))
         times["searched"] = time.perf_counter() - t0
+        print(f"K={k}: searched {result.timesteps} in {times['searched']:.0f} s", flush=True)
+        if not smoke:
+            result.save(out / f"schedule_k{k}.json")  # usable as a sweep method
         t0 = time.perf_counter()
         noise = torch.randn((warm, 4, 16, 16), generator=torch.Generator().manual_seed(555))
         schedules["GITS-style"] = gits_timesteps(pipe, k, noise, {"class_labels": [i % 10 for i in range(warm)]})
@@ -209,12 +212,12 @@ def part_reference(out: Path, smoke: bool) -> None:
     _write("reference_smoke" if smoke else "reference", record, table, out)
 
 
-def part_joint(out: Path, smoke: bool) -> None:
+def part_joint(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 1000) -> None:
     from fastdiff.hooks.encoder_propagation import key_step_indices
 
     pipe, clf, _, train_images, _, held_images = _reference(smoke)
     k = 10
-    n_search, n_eval = (16, 32) if smoke else (256, 1000)
+    n_search, n_eval = (16, 32) if smoke else (n_search, n_eval)
     stage1, stage2 = (3, 3) if smoke else (40, 30)
     preset = list(key_step_indices("fd20", k))
     search_obj, held = _objectives(pipe, clf, train_images, held_images, n_search, n_eval, 100_000)
@@ -223,6 +226,8 @@ def part_joint(out: Path, smoke: bool) -> None:
                           num_key_steps=len(preset), key_step_presets=[preset], stage2_evaluations=stage2)
     result = search_timesteps(pipe, k, search_obj, config)
     wall = time.perf_counter() - t0
+    if not smoke:
+        result.save(out / f"schedule_k{k}_joint.json")
     ts_only = result.stage1_timesteps
     scores = {
         "uniform, all steps full": held(make_candidate(_flag_timesteps(pipe, k))),
@@ -253,6 +258,8 @@ def main() -> int:
     parser.add_argument("--part", nargs="+", choices=("exact", "reference", "joint"), default=["exact"])
     parser.add_argument("--smoke", action="store_true", help="random weights, tiny sizes: checks the script only")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--n-search", type=int, default=200, help="images per candidate during the search")
+    parser.add_argument("--n-eval", type=int, default=1000, help="held-out-seed images per scored schedule")
     args = parser.parse_args()
     out = Path("/tmp/bench_search_smoke") if args.smoke else args.out
     if not args.smoke and {"reference", "joint"} & set(args.part):
@@ -267,9 +274,9 @@ def main() -> int:
         if part == "exact":
             part_exact(out)
         elif part == "reference":
-            part_reference(out, args.smoke)
+            part_reference(out, args.smoke, args.n_search, args.n_eval)
         else:
-            part_joint(out, args.smoke)
+            part_joint(out, args.smoke, args.n_search, args.n_eval)
     return 0
 
 
