@@ -1,8 +1,10 @@
 """One rank of the gloo patch-parallel test job (DistriFusion / PCPP), plus the in-process simulator.
 
-Run by tests/test_parallel.py as `python tests/parallel_worker.py RANK WORLD STORE_FILE OUT_DIR`; each
-rank writes OUT_DIR/rank{R}.pt (layer errors, per-step latents and received bytes for each config) and
-then OUT_DIR/fail{R}.pt from a last call in which one rank fails on purpose.
+Run by tests/test_parallel.py as `python tests/parallel_worker.py RANK STORE_FILE OUT_DIR` for RANK 0-3:
+one gloo job of 4 processes that is patch parallel over all 4 ranks and over two pairs of ranks (two
+images at once, seeds 0 and 1). Each rank writes OUT_DIR/rank{R}.pt (layer errors, per-step latents and
+received bytes per config) and then OUT_DIR/fail{R}.pt from a last call in which, in each pair, rank 1
+fails on purpose (pair 0: raises and stays alive; pair 1: is killed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ SD_CONFIGS = {
     "partial": dict(mode="async", warmup_steps=3, conditioning="partial"),
     "naive": dict(mode="naive"),
 }
-REF_CONFIGS = {"sync": dict(mode="sync"), "async": dict(mode="async", warmup_steps=3)}
+SD_CONFIGS_4 = ("sync", "async", "partial", "naive")  # the 4-rank job runs fewer (2 CPU cores)
+REF_CONFIGS = {"sync": dict(mode="sync")}
 
 
 # --- shared recipes (also used in-process by the test) ---
@@ -187,7 +190,8 @@ def check_layers(group) -> dict:
             conv = conv.to(dtype)
             errors[f"{name}/{dtype}"] = (gather(PatchConv2d(conv, state, 0)(band), 2) - conv(x)).abs().max().item()
         conv = layers["conv3x3"].to(dtype)
-        errors[f"conv_first/{dtype}"] = (gather(PatchConv2d(conv, state, 1, "first")(x), 2) - conv(x)).abs().max().item()
+        first = gather(PatchConv2d(conv, state, 1, "first")(x), 2)
+        errors[f"conv_first/{dtype}"] = (first - conv(x)).abs().max().item()
         errors[f"conv_last/{dtype}"] = (PatchConv2d(conv, state, 2, "last")(band) - conv(x)).abs().max().item()
         gn = nn.GroupNorm(4, 8).to(dtype)
         nn.init.normal_(gn.weight), nn.init.normal_(gn.bias)
@@ -202,15 +206,17 @@ def check_layers(group) -> dict:
 
 # --- the job ---
 
-def fail_scenario(pipe, rank: int, world: int, how: str) -> dict:
-    """The last rank fails at step 3 ('raise': raises and stays alive; 'kill': exits); others must error out."""
+def fail_scenario(pipe, group, how: str) -> dict:
+    """Group rank 1 fails at step 3 ('raise': raises and stays alive; 'kill': exits); rank 0 must error out."""
+    import torch.distributed as dist
+
     from fastdiff.parallel import PatchParallelConfig, enable_patch_parallel
 
-    victim = world - 1
-    enable_patch_parallel(pipe, PatchParallelConfig(mode="async", warmup_steps=2, timeout_s=FAIL_TIMEOUT_S))
+    victim = dist.get_rank(group) == 1
+    enable_patch_parallel(pipe, PatchParallelConfig(mode="async", warmup_steps=2, timeout_s=FAIL_TIMEOUT_S), group)
 
     def on_step(i):
-        if rank == victim and i == 3:
+        if victim and i == 3:
             if how == "kill":
                 os._exit(17)
             raise RuntimeError("injected failure")
@@ -220,32 +226,33 @@ def fail_scenario(pipe, rank: int, world: int, how: str) -> dict:
         run_trajectory(pipe, 0, on_step)
         return {"error": None, "elapsed": time.monotonic() - start}
     except Exception as err:  # noqa: BLE001 - recorded for the test
-        if rank == victim:
+        if victim:
             time.sleep(FAIL_TIMEOUT_S + 3)  # stay alive, silent: the others must time out, not hang
         return {"error": type(err).__name__, "message": str(err), "elapsed": time.monotonic() - start}
 
 
-def main(rank: int, world: int, store: str, out_dir: str) -> None:
+def main(rank: int, store: str, out_dir: str) -> None:
+    """4 ranks: patch groups of 4 (the world) and of 2 (ranks 0-1 with seed 0, ranks 2-3 with seed 1)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=90))
-    results = {"layers": check_layers(None)}
-    pipe = sd_pipeline()
-    results["sd"] = run_configs(pipe, None, SD_CONFIGS)
-    results["reference"] = run_configs(reference_pipeline(), None, REF_CONFIGS)
-    if world == 4:  # data x patch parallel: two images at once, each on its own pair of ranks
-        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        results["groups"] = run_configs(pipe, groups[rank // 2], {"sync_p2p": SD_CONFIGS["sync_p2p"]},
-                                        seed=rank // 2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=4,
+                            timeout=datetime.timedelta(seconds=120))
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pair, seed = pairs[rank // 2], rank // 2
+    sd, ref = sd_pipeline(), reference_pipeline()
+    results = {
+        "layers": {4: check_layers(None), 2: check_layers(pair)},
+        4: {"sd": run_configs(sd, None, {k: SD_CONFIGS[k] for k in SD_CONFIGS_4}),
+            "reference": run_configs(ref, None, REF_CONFIGS)},
+        2: {"sd": run_configs(sd, pair, SD_CONFIGS, seed), "reference": run_configs(ref, pair, REF_CONFIGS, seed)},
+    }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
-    torch.save(fail_scenario(pipe, rank, world, "raise" if world == 2 else "kill"),
-               os.path.join(out_dir, f"fail{rank}.pt"))
+    torch.save(fail_scenario(sd, pair, "raise" if seed == 0 else "kill"), os.path.join(out_dir, f"fail{rank}.pt"))
     sys.stdout.flush()
     os._exit(0)  # skip process-group teardown: a peer may be gone
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

@@ -1,4 +1,4 @@
-"""DistriFusion (Li et al. 2024, arXiv 2402.19481) / PCPP (Zhang et al. 2024, arXiv 2412.02962) patch-parallel settings."""
+"""DistriFusion (Li et al. 2024, arXiv 2402.19481) / PCPP (arXiv 2412.02962) patch-parallel settings."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class PatchParallelConfig:
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}.")
         if self.mode == "async" and self.warmup_steps < 1:
-            raise ValueError("mode='async' needs warmup_steps >= 1: the first step fills the buffers the next one reads.")
+            raise ValueError("mode='async' needs warmup_steps >= 1: the first step fills the buffers the next reads.")
         if self.conditioning not in ("full", "partial"):
             raise ValueError(f"conditioning must be 'full' or 'partial', got {self.conditioning!r}.")
         if not 0.0 < self.partial_fraction <= 1.0:

@@ -1,4 +1,4 @@
-"""DistriFusion (arXiv 2402.19481) band-aware layers, one wrapper per layer type, with PCPP (arXiv 2412.02962) attention.
+"""DistriFusion (arXiv 2402.19481) band-aware layers (one per layer type); PCPP (arXiv 2412.02962) attention.
 
 Each rank holds one row band of every activation. A wrapper keeps the original layer inside (restored by
 `disable_patch_parallel`) and adds what the band needs from the others:

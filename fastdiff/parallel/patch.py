@@ -1,4 +1,4 @@
-"""DistriFusion (arXiv 2402.19481) / PCPP (arXiv 2412.02962) patch parallelism: enable / disable on a diffusers pipeline.
+"""DistriFusion (arXiv 2402.19481) / PCPP (arXiv 2412.02962) patch parallelism: enable / disable on a pipeline.
 
 `enable_patch_parallel` swaps the UNet's Conv2d (kernel > 1), self-attention and GroupNorm children for
 band-aware wrappers (`layers.py`) that keep the originals inside, and attaches one diffusers `ModelHook`
@@ -17,7 +17,12 @@ from torch import nn
 from fastdiff.parallel.comm import Communicator
 from fastdiff.parallel.config import PatchParallelConfig
 from fastdiff.parallel.layers import (
-    PatchConv2d, PatchGroupNorm, PatchLayer, PatchSelfAttention, PatchState, layer_plan,
+    PatchConv2d,
+    PatchGroupNorm,
+    PatchLayer,
+    PatchSelfAttention,
+    PatchState,
+    layer_plan,
 )
 
 HOOK_NAME = "fastdiff_patch_parallel"

@@ -1,0 +1,277 @@
+"""Tests of fastdiff.parallel: DistriFusion / PCPP patch parallelism over gloo (2 and 4 CPU processes).
+
+One gloo job of 4 processes (tests/parallel_worker.py; patch groups of 4 and of 2 ranks) runs in the
+background while this process computes the single-process references and an in-process simulator of
+the stale-activation algorithm (threads as virtual ranks, exchanges completing instantly). References
+are diffusers' unwrapped models on the same inputs, the simulator, and the closed-form byte formulas.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdiff.parallel import PatchParallelConfig
+
+HERE = Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("parallel_worker", HERE / "parallel_worker.py")
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+WORLDS = (2, 4)
+SIM_CONFIGS = {2: ("async", "async_stale_gn", "partial"), 4: ("async", "partial")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def job(tmp_path_factory):
+    """Start the 4-process gloo job (collected later by `results`)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = tmp_path_factory.mktemp("patch_parallel")
+    procs = [subprocess.Popen([sys.executable, str(HERE / "parallel_worker.py"), str(rank), str(out / "store"),
+                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(4)]
+    yield procs, out
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def single(job):
+    """Single-process trajectories (seeds 0, 1) and simulator runs (seed 0), computed while the job runs."""
+    sd, ref = worker.sd_pipeline(), worker.reference_pipeline()
+    out = {("sd", s): worker.run_trajectory(sd, s) for s in (0, 1)}
+    out |= {("reference", s): worker.run_trajectory(ref, s) for s in (0, 1)}
+    for world in WORLDS:
+        out["sim", world] = worker.simulate(sd, world, {k: worker.SD_CONFIGS[k] for k in SIM_CONFIGS[world]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(job, single):  # `single` first: it computes while the job runs
+    procs, out = job
+    deadline = time.monotonic() + 300
+    for rank, p in enumerate(procs):
+        try:
+            log, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(f"rank {rank} hung")
+        assert p.returncode == (17 if rank == 3 else 0), f"rank {rank} failed:\n{log[-3000:]}"
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(4)]
+    fails = {r: torch.load(out / f"fail{r}.pt") for r in range(3)}
+    return ranks, fails
+
+
+def _groups(results, world: int) -> list[tuple[int, list[dict], list[dict]]]:
+    """(seed, per-rank results in group order, per-rank layer errors) of each patch group of `world` ranks."""
+    ranks, _ = results
+    if world == 4:
+        return [(0, [r[4] for r in ranks], [r["layers"][4] for r in ranks])]
+    return [(seed, [r[2] for r in ranks[2 * seed:2 * seed + 2]], [r["layers"][2] for r in ranks[2 * seed:2 * seed + 2]])
+            for seed in (0, 1)]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    """max |a - b| <= tol * max(1, max |b|) (fp32 accumulates rounding in proportion to the latent scale)."""
+    return bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
+
+
+def _drift(traj: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-step relative L2 distance ||x_pp - x_ref|| / ||x_ref||."""
+    return (traj - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+
+
+# --- pure checks ---
+
+def test_config_validation():
+    assert PatchParallelConfig().mode == "async"
+    for bad in (dict(mode="fast"), dict(warmup_steps=-1), dict(mode="async", warmup_steps=0),
+                dict(conditioning="half"), dict(partial_fraction=0.0), dict(group_norm="exact"),
+                dict(split_cfg=True), dict(timeout_s=0)):
+        with pytest.raises(ValueError):
+            PatchParallelConfig(**bad)
+    PatchParallelConfig(mode="sync", warmup_steps=0)
+
+
+def test_divisibility_error_is_clear():
+    from fastdiff.parallel import check_divisible
+
+    check_divisible(32, 4, 1)
+    with pytest.raises(ValueError, match="multiple of 4\\*2\\^2 = 16"):
+        check_divisible(24, 4, 2)
+
+
+def test_not_divisible_height_raises_before_communicating():
+    from fastdiff.parallel import disable_patch_parallel, enable_patch_parallel
+
+    pipe = worker.sd_pipeline()
+    enable_patch_parallel(pipe, PatchParallelConfig(mode="sync"), group=worker.thread_comm(worker.ThreadHub(4), 0))
+    with pytest.raises(ValueError, match="multiple of 8"):  # latent 20 rows, 4 bands, one downsample
+        pipe("a red cube", height=40, width=64, num_inference_steps=2, output_type="latent")
+    disable_patch_parallel(pipe)
+
+
+def test_enable_needs_a_process_group():
+    import torch.distributed as dist
+
+    from fastdiff.parallel import enable_patch_parallel
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="torchrun"):
+        enable_patch_parallel(worker.sd_pipeline(), PatchParallelConfig())
+
+
+def test_disable_restores_bit_identical_output():
+    import inspect
+
+    from torch import nn
+
+    from fastdiff.parallel import disable_patch_parallel, enable_patch_parallel, layer_plan
+
+    pipe = worker.sd_pipeline()
+    names = {n: type(m) for n, m in pipe.unet.named_modules()}
+    keys, signature = list(pipe.unet.state_dict()), inspect.signature(pipe.unet.forward)
+    before = worker.run_trajectory(pipe)
+    plan = layer_plan(pipe.unet)
+    assert {s.kind for s in plan} == {"conv", "attn", "norm"}
+    assert sum(s.kind == "conv" for s in plan) == sum(
+        isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1 for m in pipe.unet.modules())
+    enable_patch_parallel(pipe, PatchParallelConfig(), group=worker.thread_comm(worker.ThreadHub(1), 0))
+    with pytest.raises(ValueError, match="already enabled"):
+        enable_patch_parallel(pipe, PatchParallelConfig(), group=worker.thread_comm(worker.ThreadHub(1), 0))
+    worker.run_trajectory(pipe)
+    disable_patch_parallel(pipe)
+    assert {n: type(m) for n, m in pipe.unet.named_modules()} == names
+    assert list(pipe.unet.state_dict()) == keys and inspect.signature(pipe.unet.forward) == signature
+    assert torch.equal(worker.run_trajectory(pipe), before)
+
+
+@pytest.mark.parametrize("factory", ["tiny_sdxl_pipeline", "tiny_controlnet_pipeline"])
+def test_sync_simulated_sdxl_and_controlnet_equal_single_process(factory):
+    import fastdiff.testing
+
+    pipe = getattr(fastdiff.testing, factory)()
+    kwargs = dict(num_inference_steps=4, height=64, width=64, output_type="latent")
+    if "controlnet" in factory:
+        kwargs["image"] = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def run(p):
+        return p("a red cube", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    ref = run(pipe)
+    got: list = [None, None]
+    from fastdiff.parallel import disable_patch_parallel, enable_patch_parallel
+
+    def body(rank, hub, replica):
+        enable_patch_parallel(replica, PatchParallelConfig(mode="sync"), group=worker.thread_comm(hub, rank))
+        got[rank] = run(replica)
+        disable_patch_parallel(replica)
+
+    import copy
+    import threading
+
+    hub = worker.ThreadHub(2)
+    threads = [threading.Thread(target=body, args=(r, hub, copy.deepcopy(pipe))) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert got[0] is not None and torch.equal(got[0], got[1])
+    assert _close(got[0], ref)
+
+
+def test_pcpp_bytes_at_8_ranks_below_0_3_of_distrifusion():
+    from fastdiff.parallel import expected_bytes, layer_plan
+
+    plan = layer_plan(worker.sd_pipeline().unet)
+    full = sum(expected_bytes(plan, 32, 32, 8, 2).values())
+    partial = sum(expected_bytes(plan, 32, 32, 8, 2, conditioning="partial").values())
+    assert partial <= 0.3 * full
+
+
+# --- the gloo jobs ---
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_each_wrapped_layer_equals_original(results, world):
+    for _, _, layer_errors in _groups(results, world):
+        for errors in layer_errors:
+            assert len(errors) == 14
+            for name, err in errors.items():
+                assert err <= (1e-10 if "float64" in name else 1e-5), (name, err)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_sync_run_equals_single_process_on_every_rank(results, single, world):
+    """10 DPM-Solver++ steps; with 2 ranks, two pairs run two images (seeds 0, 1) at once (data x patch)."""
+    for seed, ranks, _ in _groups(results, world):
+        for model, configs in (("sd", ("sync", "sync_p2p")), ("reference", ("sync",))):
+            for config in configs:
+                if config not in ranks[0][model]:
+                    continue
+                trajs = [r[model][config]["latents"] for r in ranks]
+                for traj in trajs[1:]:
+                    assert torch.equal(traj, trajs[0]), (model, config)  # same latent on every rank, every step
+                assert _close(trajs[0], single[model, seed]), (model, config, seed)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_async_equals_simulator_exactly(results, single, world):
+    seed, ranks, _ = _groups(results, world)[0]
+    sim = single["sim", world]
+    for rank, rank_results in enumerate(ranks):
+        for config in SIM_CONFIGS[world]:
+            got = rank_results["sd"][config]
+            assert torch.equal(got["latents"], sim[rank][config]["latents"]), (config, rank)
+            assert got["bytes"] == sim[rank][config]["bytes"], (config, rank)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_drift_sync_below_async_below_naive(results, single, world):
+    seed, ranks, _ = _groups(results, world)[0]
+    drift = {k: _drift(v["latents"], single["sd", seed]) for k, v in ranks[0]["sd"].items()}
+    warm = worker.SD_CONFIGS["async"]["warmup_steps"]
+    assert drift["sync"].max() <= 1e-5
+    assert drift["async"][:warm].max() <= 1e-5  # synchronous warm-up
+    for name in ("async", "partial", "async_stale_gn"):
+        if name in drift:
+            assert (drift[name][warm:] > drift["sync"][warm:]).all()
+    assert (drift["async"][warm:] < drift["naive"][warm:]).all()
+    assert (drift["partial"][warm:] < drift["naive"][warm:]).all()
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_counted_bytes_equal_formulas(results, world):
+    from fastdiff.parallel import expected_bytes, layer_plan
+
+    plans = {"sd": layer_plan(worker.sd_pipeline().unet), "reference": layer_plan(worker.reference_pipeline().unet)}
+    shapes = {"sd": (32, 2), "reference": (16, 4)}  # latent size, UNet batch (CFG doubles it)
+    configs = {"sd": worker.SD_CONFIGS, "reference": worker.REF_CONFIGS}
+    for _, ranks, _ in _groups(results, world):
+        for rank, rank_results in enumerate(ranks):
+            for model, (size, batch) in shapes.items():
+                for name, got in rank_results[model].items():
+                    config = PatchParallelConfig(**configs[model][name])
+                    assert sorted(got["bytes"]) == list(range(worker.STEPS))
+                    for step, counted in got["bytes"].items():
+                        want = expected_bytes(plans[model], size, size, world, batch, rank=rank, mode=config.mode,
+                                              conditioning=config.conditioning,
+                                              partial_fraction=config.partial_fraction,
+                                              warmup=step < config.warmup_steps)
+                        assert counted == want, (model, name, rank, step)
+                        if config.mode != "naive":
+                            assert all(counted[k] > 0 for k in ("conv", "attn", "norm", "output"))
+
+
+@pytest.mark.parametrize("how, rank", [("raise and stay alive", 0), ("killed", 2)])
+def test_failing_rank_makes_the_others_fail_fast(results, how, rank):
+    fail = results[1][rank]
+    assert fail["error"] == "PatchParallelError", fail
+    assert "Another rank probably crashed" in fail["message"]
+    assert fail["elapsed"] < worker.FAIL_TIMEOUT_S + 30  # no hang: bounded by the configured timeout
