@@ -94,9 +94,10 @@ def part_exact(out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ reference model
 def _reference(smoke: bool):
+    from diffusers import DPMSolverMultistepScheduler
+
     from fastdiff.models.data import load_digits
     from fastdiff.models.unet import encode
-    from fastdiff.schedulers import DPMSolverPlusPlusScheduler
 
     if smoke:
         from diffusers import DDIMScheduler
@@ -112,8 +113,9 @@ def _reference(smoke: bool):
         from fastdiff.models import load_digit_classifier, load_reference_pipeline
 
         pipe, clf = load_reference_pipeline(), load_digit_classifier()
-    # the reference sweep's settings: DPM-Solver++ 2M from the model's config, labels i % 10, no guidance
-    pipe.scheduler = DPMSolverPlusPlusScheduler.from_config(pipe.scheduler.config, solver_order=2)
+    # the reference sweep's settings: DPM-Solver++ 2M (diffusers' DPMSolverMultistepScheduler, as in
+    # eval/sweeps/reference.toml) from the model's config, labels i % 10, no guidance
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, solver_order=2)
     pipe.set_progress_bar_config(disable=True)
     train_images, train_labels = load_digits("train")
     held_images, _ = load_digits("heldout")
@@ -163,7 +165,7 @@ def part_reference(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 10
     budgets = {4: 4, 6: 4} if smoke else {4: 60, 6: 60}
     warm = 8 if smoke else 32
     search_obj, held = _objectives(pipe, clf, train_images, held_images, n_search, n_eval, 100_000)
-    record = {"setting": "reference digit model, DPMSolverPlusPlusScheduler order 2 (from the model's config), "
+    record = {"setting": f"reference digit model, {type(pipe.scheduler).__name__} order 2 (from the model's config), "
               "labels i % 10, guidance 1.0; features: lenet (shipped digit classifier, 128-d)",
               "search": {"num_samples": n_search, "image_seeds": f"100000..{100000 + n_search - 1}",
                          "reference": "4000 training digits", "budgets": budgets, "population": 16, "parents": 6},
@@ -239,7 +241,8 @@ def part_joint(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 1000) 
     keys = {"uniform, all steps full": list(range(k)), "searched timesteps, all full": list(range(k)),
             "uniform + fd20 keys": preset, "searched timesteps + fd20 keys": preset,
             "joint search (timesteps + keys)": result.key_steps}
-    record = {"K": k, "preset": preset, "stage1_evaluations": stage1, "stage2_evaluations": stage2,
+    record = {"K": k, "scheduler": type(pipe.scheduler).__name__, "preset": preset, "stage1_evaluations": stage1,
+              "stage2_evaluations": stage2,
               "search_samples": n_search, "eval_samples": n_eval, "timesteps_only": ts_only,
               "joint": {"timesteps": result.timesteps, "key_steps": result.key_steps}, "fd": scores,
               "search_wall_s": wall, "smoke": smoke, "env": _env()}

@@ -341,7 +341,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parents", type=int, default=6)
     parser.add_argument("--evaluations", type=int, default=80, help="stage-1 budget (objective evaluations)")
     parser.add_argument("--num-samples", type=int, default=256, help="images per evaluation (fixed seeds)")
-    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--reference-stats", default=None, help=".npz stats (default: 4000 training digits, lenet)")
     parser.add_argument("--key-steps", type=int, default=None, help="stage 2: search this many key steps jointly")
     parser.add_argument("--stage2-evaluations", type=int, default=40)
@@ -369,14 +369,13 @@ def run_search(args: argparse.Namespace) -> int:
     if args.objective == "exact":
         pipe = _demo_mixture()
     else:
+        from diffusers import DPMSolverMultistepScheduler
+
         from fastdiff.models import load_reference_pipeline
 
         pipe = load_reference_pipeline(device=args.device)
-        try:
-            from fastdiff.schedulers import DPMSolverPlusPlusScheduler as Scheduler
-        except ImportError:
-            from diffusers import DPMSolverMultistepScheduler as Scheduler
-        pipe.scheduler = Scheduler.from_config(pipe.scheduler.config, thresholding=True, sample_max_value=1.0)
+        # DPM-Solver++ 2M from the model's config, as in eval/sweeps/reference.toml
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, solver_order=2)
         pipe.set_progress_bar_config(disable=True)
     total = config.max_evaluations + (config.stage2_evaluations if config.num_key_steps else 0)
     bar = tqdm(total=total, desc=f"search K={args.steps}", dynamic_ncols=True)
