@@ -198,7 +198,9 @@ def bench_reference(n: int = 500, nfes=(5, 6, 8, 10, 15, 20), n_guided: int = 20
         real_feats = clf.features(real).numpy()
     labels = [i % 10 for i in range(max(n, n_guided))]
     res = {"n": n, "n_guided": n_guided, "features": "lenet (fastdiff digit classifier, 128-d penultimate layer)",
-           "real_stats": "held-out split, 1000 digits", "guidance_for_fd": 1.0, "rows": [], "guided": [],
+           "real_stats": "held-out split, 1000 digits", "guidance_for_fd": 1.0,
+           "x0_clipping": "all FD methods clip x0 to [-1, 1] (DDIM clip_sample, DPM++ thresholding max 1)",
+           "rows": [], "guided": [],
            "ddpm_fd": None, "smallest_nfe_within_10pct_of_ddpm": {}}
 
     def fd_of(images):
@@ -227,13 +229,16 @@ def bench_reference(n: int = 500, nfes=(5, 6, 8, 10, 15, 20), n_guided: int = 20
             if save:
                 save(res)
 
+    # x0 clipped to [-1, 1] in every method, as the shipped DDIM does (clip_sample=True): thresholding with
+    # sample_max_value = 1 is exactly that clipping
+    clip = dict(thresholding=True, sample_max_value=1.0)
     methods = {
         "DDIM": lambda: DDIMScheduler.from_config(base),
-        "DPM++ 2M": lambda: dpm(base, solver_order=2),
-        "DPM++ 3M": lambda: dpm(base, solver_order=3),
-        "DPM++ 3M exact": lambda: dpm(base, solver_order=3, exact_third_order=True),
-        "DPM++ 2S": lambda: DPMSolverPlusPlusSinglestepScheduler.from_config(base, solver_order=2),
-        "DPM++ SDE-2M": lambda: dpm(base, solver_order=2, algorithm_type="sde-dpmsolver++"),
+        "DPM++ 2M": lambda: dpm(base, solver_order=2, **clip),
+        "DPM++ 3M": lambda: dpm(base, solver_order=3, **clip),
+        "DPM++ 3M exact": lambda: dpm(base, solver_order=3, exact_third_order=True, **clip),
+        "DPM++ 2S": lambda: DPMSolverPlusPlusSinglestepScheduler.from_config(base, solver_order=2, **clip),
+        "DPM++ SDE-2M": lambda: dpm(base, solver_order=2, algorithm_type="sde-dpmsolver++", **clip),
     }
     for nfe in nfes:
         for name, make in methods.items():

@@ -343,6 +343,11 @@ def test_from_config_swaps_both_ways_and_save_load(tmp_path):
     base.save_config(tmp_path)
     torch.testing.assert_close(run(DPMSolverPlusPlusScheduler.from_pretrained(tmp_path)), want, atol=1e-5, rtol=1e-5)
     assert "DPMSolverMultistepScheduler" in [c.__name__ for c in base.compatibles]
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler(variance_type="fixed_small", clip_sample=True)  # DDPM-only values in shared keys
+    torch.testing.assert_close(run(DPMSolverPlusPlusScheduler.from_config(ddpm.config)),
+                               run(DPMSolverMultistepScheduler.from_config(ddpm.config)), atol=1e-5, rtol=1e-5)
     ss = DPMSolverPlusPlusSinglestepScheduler.from_config(DPMSolverSinglestepScheduler(solver_order=3).config)
     ref = DPMSolverSinglestepScheduler.from_config(ss.config)
     torch.testing.assert_close(run(ss, 9), run(ref, 9), atol=1e-5, rtol=1e-5)

@@ -83,8 +83,8 @@ class DPMSolverPlusPlusBase:
         if c.timestep_spacing not in ("linspace", "leading", "trailing"):
             raise ValueError(f"unknown timestep_spacing {c.timestep_spacing!r}: "
                              "use 'linspace', 'leading' or 'trailing'.")
-        if c.variance_type not in (None, "learned", "learned_range"):
-            raise ValueError(f"unknown variance_type {c.variance_type!r}: use None, 'learned' or 'learned_range'.")
+        # variance_type: only "learned" / "learned_range" change anything here (the model then also outputs a
+        # variance); DDPM's "fixed_small" etc. arrive through from_config swaps and are ignored, as in diffusers.
         flags = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
                  if getattr(c, n, False)]
         if len(flags) > 1:
