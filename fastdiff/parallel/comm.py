@@ -91,7 +91,7 @@ class Communicator:
         except Exception as err:  # gloo raises on a closed connection or on timeout
             raise PatchParallelError(
                 f"patch parallel rank {self.rank}/{self.world_size}: {what} at UNet step {self.step} failed: "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Another rank probably crashed, "
+                f"{(str(err).splitlines() or [type(err).__name__])[0].rstrip('.!')}. Another rank probably crashed, "
                 f"was killed or stopped calling the UNet (timeout {self.timeout.total_seconds():g} s)."
             ) from err
         if ok is False:
