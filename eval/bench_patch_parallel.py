@@ -167,13 +167,15 @@ def _median(xs: list[float]) -> float:
 
 def part_speed(args, tmp: Path) -> dict:
     extra = ["--latent", str(args.latent), "--calls", str(args.calls)]
+    load_before = os.getloadavg()[0]
     one = _launch("speed", 1, 1, extra, tmp)["plain"]
     two_threads = _launch("speed", 1, 2, extra, tmp)["plain"]
     ranks = _launch("speed", 2, 1, extra, tmp)
     rows = {"1 rank x 1 thread": _median(one), "1 rank x 2 threads": _median(two_threads)}
     for name in SPEED_CONFIGS:
         rows[f"2 ranks x 1 thread, {name}"] = _median(ranks[name]["times"])
-    return {"seconds_per_call": rows, "counted_bytes": {k: ranks[k]["bytes"] for k in SPEED_CONFIGS}}
+    return {"seconds_per_call": rows, "counted_bytes": {k: ranks[k]["bytes"] for k in SPEED_CONFIGS},
+            "load_average": [load_before, os.getloadavg()[0]]}
 
 
 def part_bytes(args, counted: dict) -> dict:
@@ -243,8 +245,12 @@ def _markdown(res: dict) -> str:
         f"Hardware: {meta['hardware']}; torch {meta['torch']}, diffusers {meta['diffusers']}; {meta['date']}.", "",
         f"## Speed: reference UNet architecture, latent 4x{meta['latent']}x{meta['latent']}, batch 1, "
         f"median of {meta['calls']} calls", "",
-        "| setup | s / UNet call | speed-up vs 1x1 |", "|---|---|---|",
     ]
+    if "load_average" in res["speed"]:
+        lines += [f"1-minute load average before / after: {res['speed']['load_average'][0]:.1f} / "
+                  f"{res['speed']['load_average'][1]:.1f} on {os.cpu_count()} cores (above ~2 the timings are "
+                  "dominated by other processes: compare only rows measured under similar load).", ""]
+    lines += ["| setup | s / UNet call | speed-up vs 1x1 |", "|---|---|---|"]
     speed = res["speed"]["seconds_per_call"]
     base = speed["1 rank x 1 thread"]
     lines += [f"| {k} | {v:.3f} | {base / v:.2f}x |" for k, v in speed.items()]
