@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
 
     rank, world = init_distributed()
     pipe, weights = _pipe()
-    method = MethodSpec(name=f"DDIM-{args.steps}", steps=args.steps)
+    method = MethodSpec(name=f"DDIM-{args.steps}", steps=args.steps, guidance=1.0)
     # warm-up outside the timed run (first-call allocations), on one seed, in a scratch folder
     generate_images(pipe, method, Path(args.folder) / "warmup", n=world, batch_size=1, progress=False)
     result = generate_images(pipe, method, Path(args.folder) / "images", args.n, 0, args.batch_size, progress=False)

@@ -185,11 +185,12 @@ def _direct(pipe, scheduler, seeds, **kwargs) -> np.ndarray:
 def test_generated_images_equal_direct_diffusers_calls(pipe, tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 
-    method = MethodSpec(name="dpm", scheduler="DPMSolverMultistepScheduler", steps=4)
+    method = MethodSpec(name="dpm", scheduler="DPMSolverMultistepScheduler", steps=4, guidance=3.0)
     result = G.generate_images(pipe, method, tmp_path / "a", n=3, base_seed=10, batch_size=3, progress=False)
-    assert (result.computed, result.written, result.nfe, result.unet_calls) == (3, 3, 4, 4)
+    counts = (result.computed, result.written, result.nfe, result.unet_calls, result.unet_rows_per_image)
+    assert counts == (3, 3, 4, 4, 8)  # with CFG the UNet sees 2 rows per image and step
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # restored
-    expected = _direct(pipe, DPMSolverMultistepScheduler, [10, 11, 12], num_inference_steps=4)
+    expected = _direct(pipe, DPMSolverMultistepScheduler, [10, 11, 12], num_inference_steps=4, guidance_scale=3.0)
     np.testing.assert_array_equal(_pixels(tmp_path / "a"), expected)
 
 
@@ -213,8 +214,9 @@ def test_image_depends_on_seed_not_batch(pipe, tmp_path):
     G.generate_images(pipe, method, tmp_path / "b4", n=4, batch_size=4, progress=False)
     G.generate_images(pipe, method, tmp_path / "b1", n=4, batch_size=1, progress=False)
     a, b = _pixels(tmp_path / "b4"), _pixels(tmp_path / "b1")
-    # different batch composition may move float round-off: bounded by one grey level on < 0.1% of pixels
-    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+    # another batch size changes float round-off only: at most one grey level, on a few pixels (0.3% measured
+    # with CFG 3.0 on random weights). Process count never changes batches: see the gloo test (bit-identical).
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-2
 
 
 def test_folder_of_another_method_is_rejected(pipe, tmp_path):
@@ -263,3 +265,43 @@ def test_composes_with_encoder_propagation(pipe, tmp_path):
     assert result.written == 2
     G.generate_images(pipe, plain, tmp_path / "after", n=2, batch_size=2, progress=False)
     np.testing.assert_array_equal(_pixels(tmp_path / "before"), _pixels(tmp_path / "after"))
+
+
+def test_composes_with_svdd(pipe, tmp_path):
+    """An SVDD method goes through fastdiff.guidance.svdd_sample; the harness counts its extra denoiser rows."""
+    pytest.importorskip("fastdiff.guidance.svdd")
+    svdd = {"reward": "jpeg_compressibility", "num_candidates": 1, "show_progress": False}
+    one = MethodSpec(name="svdd1", scheduler="DDPMScheduler", steps=3, guidance=1.0, svdd=svdd)
+    first = G.generate_images(pipe, one, tmp_path / "svdd1", n=2, batch_size=2, progress=False)
+    many = MethodSpec(
+        name="svdd3", scheduler="DDPMScheduler", steps=3, guidance=1.0, svdd={**svdd, "num_candidates": 3}
+    )
+    result = G.generate_images(pipe, many, tmp_path / "svdd3", n=2, batch_size=2, progress=False)
+    assert first.written == result.written == 2
+    assert result.unet_rows_per_image > first.unet_rows_per_image  # M = 3 candidates cost more denoiser rows
+
+
+def test_sample_cli_writes_seeded_images(tmp_path, capsys):
+    """`fastdiff sample` on the shipped reference model equals the pipeline called directly."""
+    from fastdiff.cli import main
+    from fastdiff.models import WEIGHTS_DIR, load_reference_pipeline
+
+    if not (WEIGHTS_DIR / "reference_unet.safetensors").exists():
+        pytest.skip("trained reference weights not present")
+    args = ["sample", "--n", "3", "--steps", "2", "--seed", "5", "--batch-size", "3", "--out", str(tmp_path / "s")]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 3
+    from diffusers import DDIMScheduler
+
+    ref = load_reference_pipeline()
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    out = ref(
+        class_labels=[0, 1, 2],
+        num_inference_steps=2,
+        output_type="pil",
+        generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)],
+    )  # label i % 10, seed base + i
+    np.testing.assert_array_equal(_pixels(tmp_path / "s"), np.stack([np.asarray(im) for im in out.images]))
+    assert main(["sample", "--scheduler", "Nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown scheduler" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def test_sweep_outputs_and_scores_equal_cleanfid(pipe, tmp_path):
 
     ref = _write_pngs(tmp_path / "ref", 20, seed=0)
     config = SweepConfig(
-        methods=[MethodSpec(name="DDIM-2", steps=2),
+        methods=[MethodSpec(name="DDIM-2", steps=2, guidance=1.0),
                  MethodSpec(name="DPM/3", scheduler="DPMSolverMultistepScheduler", steps=3)],
         n=6, batch_size=3, extractors=["pixels"], reference=str(ref), kid_subsets=5,
     )  # fmt: skip
@@ -92,7 +92,7 @@ def test_sweep_outputs_and_scores_equal_cleanfid(pipe, tmp_path):
         "DDIM-2",
         "DPM/3",
     ]
-    assert "| DDIM-2 | 2 | 2 |" in (out / "results.md").read_text()
+    assert "| DDIM-2 | 2 | 2 | 2 |" in (out / "results.md").read_text()
     with PIL.Image.open(out / "pareto.png") as im:
         assert im.size[0] > 300
     ref_feats, _ = folder_features(ref, "pixels")

@@ -197,9 +197,12 @@ class _CallCounter:
         class _Hook(ModelHook):
             def pre_forward(self, module, *args, **kwargs):
                 counter.calls += 1
+                sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+                counter.rows += int(sample.shape[0]) if isinstance(sample, torch.Tensor) else 0
                 return args, kwargs
 
         self.calls = 0
+        self.rows = 0
         self.module = module
         if module is not None:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_Hook(), self.NAME)
@@ -223,6 +226,7 @@ class GenerationResult:
     images_per_s: float | None
     nfe: int
     unet_calls: float | None  # denoiser forward calls per sampling call (one batch)
+    unet_rows_per_image: float | None  # batch rows through the denoiser per image (CFG: x2, SVDD: x M, ...)
     peak_mem_mb: float
     peak_mem_kind: str
     world_size: int
@@ -325,19 +329,23 @@ def generate_images(
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
-    calls = counter.calls if counter is not None else 0
+    calls, rows = (counter.calls, counter.rows) if counter is not None else (0, 0)
     stats = _gather_objects(
-        {"computed": computed, "written": written, "wall": wall, "calls": calls, "batches": batches, "peak": peak}
-    )
+        {"computed": computed, "written": written, "wall": wall, "calls": calls, "rows": rows, "batches": batches,
+         "peak": peak}
+    )  # fmt: skip
     if split:
         computed = sum(s["computed"] for s in stats)
         written = sum(s["written"] for s in stats)
     wall = max(s["wall"] for s in stats)
     total_batches = sum(s["batches"] for s in stats)
     unet_calls = sum(s["calls"] for s in stats) / total_batches if total_batches else None
+    images_done = sum(s["computed"] for s in stats)
+    unet_rows = sum(s["rows"] for s in stats) / images_done if images_done else None
     peak = max(s["peak"] for s in stats)
 
-    timing = {"computed": computed, "wall_s": wall, "unet_calls": unet_calls, "world_size": world}
+    timing = {"computed": computed, "wall_s": wall, "unet_calls": unet_calls, "unet_rows_per_image": unet_rows,
+              "world_size": world}  # fmt: skip
     previous = (record or {}).get("timing")
     if previous and previous.get("computed", 0) >= computed:
         timing = previous  # keep the timing of the run that computed the most images
@@ -352,6 +360,7 @@ def generate_images(
         images_per_s=1 / s_per_image if s_per_image else None,
         nfe=method.num_steps(),
         unet_calls=timing["unet_calls"],
+        unet_rows_per_image=timing.get("unet_rows_per_image"),
         peak_mem_mb=peak,
         peak_mem_kind=kind,
         world_size=timing["world_size"],

@@ -288,6 +288,7 @@ def _sweep(
             "base_seed": config.base_seed,
             "nfe": gen.nfe,
             "unet_calls": gen.unet_calls,
+            "unet_rows_per_image": gen.unet_rows_per_image,
             "s_per_image": gen.s_per_image,
             "images_per_s": gen.images_per_s,
             "world_size": gen.world_size,
@@ -388,14 +389,14 @@ def write_table(rows: list[dict], path: str | Path, config: SweepConfig | None =
     lines.append("- s/image = generation wall time / images (all processes together); KID shown x 1e3 (± subset std)")
     lines.append(f"- written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     lines.append("")
-    header = ["method", "NFE", "UNet calls"]
+    header = ["method", "NFE", "UNet calls", "UNet rows/image"]
     for name in extractors:
         header += [f"FD {name}", f"KID {name} x1e3"]
     header += ["s/image", "images/s", "peak MB"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for r in rows:
-        cells = [r["method"], _fmt(r["nfe"]), _fmt(r["unet_calls"], 4)]
+        cells = [r["method"], _fmt(r["nfe"]), _fmt(r["unet_calls"], 4), _fmt(r.get("unet_rows_per_image"), 4)]
         for name in extractors:
             kid = r[f"kid_{name}"]
             kid_txt = "-" if kid is None else f"{kid * 1e3:.2f} ± {r[f'kid_{name}_std'] * 1e3:.2f}"
