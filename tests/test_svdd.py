@@ -61,6 +61,15 @@ def test_m1_reproduces_reference_pipeline(reference_pipe, kind):
     assert out.nfe == 5 and out.unet_calls == 5
 
 
+def test_m1_uses_the_pipeline_call_defaults(reference_pipe):
+    """No guidance or step count given: SVDD must take the pipeline's own defaults (guidance 3, 50 steps)."""
+    reference_pipe.scheduler = DDPMScheduler.from_config(reference_train.SCHEDULER_CONFIG)
+    plain = reference_pipe(class_labels=[1, 7], generator=_gens(2), output_type="pt").images
+    out = svdd_sample(reference_pipe, brightness, SVDDConfig(num_candidates=1, **QUIET), class_labels=[1, 7],
+                      generator=_gens(2))
+    assert torch.equal(out.images, plain)
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "ddim-eta1", "sde-dpmsolver++"])
 def test_m1_reproduces_tiny_sd(tiny_sd, kind):
     tiny_sd.scheduler = _scheduler(kind, tiny_sd.scheduler.config)

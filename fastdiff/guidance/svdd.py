@@ -211,6 +211,11 @@ def _timesteps(pipe, num_inference_steps, timesteps, device):
     return steps
 
 
+def _call_default(pipe, name: str):
+    """The pipeline's own default for a `__call__` argument, so SVDD with M = 1 is the plain call."""
+    return inspect.signature(pipe.__call__).parameters[name].default
+
+
 def _prepare_reference(pipe, kw: dict) -> _Prepared:
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -223,7 +228,8 @@ def _prepare_reference(pipe, kw: dict) -> _Prepared:
     if isinstance(generator, list) and len(generator) != n:
         raise ValueError(f"got {len(generator)} generators for {n} images: pass one per image.")
     device, dtype = pipe._execution_device, pipe.unet.dtype
-    timesteps = _timesteps(pipe, kw.get("num_inference_steps", 50), kw.get("timesteps"), device)
+    steps = kw.get("num_inference_steps", _call_default(pipe, "num_inference_steps"))
+    timesteps = _timesteps(pipe, steps, kw.get("timesteps"), device)
     cfg = pipe.unet.config
     latents = kw.get("latents")
     if latents is None:
@@ -232,7 +238,7 @@ def _prepare_reference(pipe, kw: dict) -> _Prepared:
     latents = latents.to(device=device, dtype=dtype) * pipe.scheduler.init_noise_sigma
     labels = labels.to(device)
     cond = {"encoder_hidden_states": label_condition(labels, dtype).to(device), "class_labels": labels}
-    guidance_scale = kw.get("guidance_scale", 1.0)
+    guidance_scale = kw.get("guidance_scale", _call_default(pipe, "guidance_scale"))
     uncond = None
     if guidance_scale != 1.0:
         null = torch.full_like(labels, NULL_LABEL)
