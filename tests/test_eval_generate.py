@@ -124,7 +124,8 @@ def test_one_vs_two_gloo_processes_identical(workdir):
     single, double = _rows(workdir / "single"), _rows(workdir / "double")
     assert [r["world_size"] for r in double] == [2, 2] and [r["world_size"] for r in single] == [1, 1]
     for r1, r2 in zip(single, double):
-        assert {k: r1[k] for k in QUALITY_KEYS} == {k: r2[k] for k in QUALITY_KEYS}
+        # identical PNGs; features gathered in another order may round differently (issue bound: FD to 1e-4)
+        assert {k: r2[k] for k in QUALITY_KEYS} == pytest.approx({k: r1[k] for k in QUALITY_KEYS}, rel=1e-6)
 
 
 @pytest.mark.slow

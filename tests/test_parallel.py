@@ -45,12 +45,20 @@ def job(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(job):
-    """Single-process trajectories (seeds 0, 1) and simulator runs (seed 0), computed while the job runs."""
-    sd, ref = worker.sd_pipeline(), worker.reference_pipeline()
-    out = {("sd", s): worker.run_trajectory(sd, s) for s in (0, 1)}
-    out |= {("reference", s): worker.run_trajectory(ref, s) for s in (0, 1)}
-    for world in WORLDS:
-        out["sim", world] = worker.simulate(sd, world, {k: worker.SD_CONFIGS[k] for k in SIM_CONFIGS[world]})
+    """Single-process trajectories (seeds 0, 1) and simulator runs (seed 0), computed while the job runs.
+
+    One intra-op thread, as in the ranks: kernels then reduce in the same order, so "exactly" means bitwise.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sd, ref = worker.sd_pipeline(), worker.reference_pipeline()
+        out = {("sd", s): worker.run_trajectory(sd, s) for s in (0, 1)}
+        out |= {("reference", s): worker.run_trajectory(ref, s) for s in (0, 1)}
+        for world in WORLDS:
+            out["sim", world] = worker.simulate(sd, world, {k: worker.SD_CONFIGS[k] for k in SIM_CONFIGS[world]})
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
