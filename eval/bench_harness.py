@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def _launch(folder: Path, procs: int, threads: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    script = [str(Path(__file__).resolve()), "--worker", "--folder", str(folder), "--n", str(args.n),
+    script = [str(Path(__file__).resolve()), "--worker", "--folder", str(folder), "--num-images", str(args.n),
               "--steps", str(args.steps), "--batch-size", str(args.batch_size)]  # fmt: skip
     if procs == 1:
         cmd = [sys.executable, *script]
@@ -88,7 +88,7 @@ def _pixels(folder: Path) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=96)
+    parser.add_argument("--n", "--num-images", dest="n", type=int, default=96)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
