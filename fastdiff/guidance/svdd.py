@@ -250,7 +250,7 @@ def _prepare_reference(pipe, kw: dict) -> _Prepared:
 def _prepare_stable_diffusion(pipe, kw: dict, xl: bool) -> _Prepared:
     _check_kwargs("StableDiffusionXL" if xl else "StableDiffusion", kw, _SDXL_KWARGS if xl else _SD_KWARGS)
     device = pipe._execution_device
-    guidance_scale = kw.get("guidance_scale", 5.0 if xl else 7.5)
+    guidance_scale = kw.get("guidance_scale", _call_default(pipe, "guidance_scale"))
     do_cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = kw.get("height") or default, kw.get("width") or default
@@ -278,7 +278,8 @@ def _prepare_stable_diffusion(pipe, kw: dict, xl: bool) -> _Prepared:
         embeds, neg = pipe.encode_prompt(prompt=kw.get("prompt"), **common)
         cond = {"encoder_hidden_states": embeds.to(device)}
         uncond = {"encoder_hidden_states": neg.to(device)} if do_cfg else None
-    timesteps = _timesteps(pipe, kw.get("num_inference_steps", 50), kw.get("timesteps"), device)
+    steps = kw.get("num_inference_steps", _call_default(pipe, "num_inference_steps"))
+    timesteps = _timesteps(pipe, steps, kw.get("timesteps"), device)
     generator = kw.get("generator")
     latents = pipe.prepare_latents(len(embeds), pipe.unet.config.in_channels, height, width, embeds.dtype, device,
                                    generator, kw.get("latents"))

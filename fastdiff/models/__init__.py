@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastdiff.models.train import CLASSIFIER_FILE, SCHEDULER_FILE, UNET_FILE, WEIGHTS_DIR
+from fastdiff.models.train import CLASSIFIER_FILE, RECORD_FILE, SCHEDULER_FILE, UNET_FILE, WEIGHTS_DIR
 
 __all__ = ["load_reference_pipeline", "load_digit_classifier", "reference_record", "WEIGHTS_DIR"]
 
@@ -46,4 +46,4 @@ def load_digit_classifier(weights_dir: str | Path | None = None, device: str = "
 
 def reference_record(weights_dir: str | Path | None = None) -> dict:
     """The JSON record of how the shipped weights were made."""
-    return json.loads(_weights("reference_model.json", weights_dir).read_text())
+    return json.loads(_weights(RECORD_FILE, weights_dir).read_text())

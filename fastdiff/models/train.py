@@ -22,8 +22,6 @@ from fastdiff.models.classifier import DigitClassifier
 from fastdiff.models.data import NUM_HELD_OUT, SPLIT_SEED, load_digits
 from fastdiff.models.unet import NULL_LABEL, UNET_CONFIG, build_reference_unet, encode, label_condition
 
-DEFAULT_GUIDANCE = 3.0
-DEFAULT_STEPS = 50
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 UNET_FILE = "reference_unet.safetensors"
 SCHEDULER_FILE = "reference_scheduler.json"
@@ -197,7 +195,6 @@ def add_train_reference_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train_reference(args: argparse.Namespace) -> int:
-    t0 = time.time()
     result = train_diffusion(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              checkpoint=args.checkpoint, max_minutes=args.max_minutes)
     state = result["state"]
@@ -207,6 +204,8 @@ def run_train_reference(args: argparse.Namespace) -> int:
     t0 = time.time()
     classifier, acc = train_classifier(epochs=args.classifier_epochs, seed=args.seed)
     import diffusers
+
+    from fastdiff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     record = {
         "seed": args.seed, "steps": state["step"], "batch_size": args.batch_size, "lr": args.lr,
