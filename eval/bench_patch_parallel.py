@@ -3,9 +3,11 @@
 Three parts, measured in one run and written to eval/results/patch_parallel/ (results.json, results.md):
 
 1. Speed: seconds per UNet call of the reference UNet architecture (random weights) on a large latent
-   (4x128x128, batch 1): 1 rank x 1 thread, 1 rank x 2 threads, and 2 ranks x 1 thread (gloo) in sync,
-   async (DistriFusion) and partial (PCPP) mode. On a 2-core machine 2 ranks cannot beat 1 rank x 2
-   threads; the 2x1 vs 1x1 ratio is the patch-parallel speed-up.
+   (4x128x128, a CFG batch of 2: null label + digit, as a guided pipeline calls it): 1 rank x 1 thread,
+   1 rank x 2 threads, and 2 ranks x 1 thread (gloo) in sync, async (DistriFusion) and partial (PCPP)
+   mode with both ranks on bands of the whole batch, and sync with `split_cfg` (one CFG half per rank,
+   no bands). On a 2-core machine 2 ranks cannot beat 1 rank x 2 threads; the 2x1 vs 1x1 ratio is the
+   patch-parallel speed-up.
 2. Bytes: received bytes per rank per UNet call for SDXL (stabilityai/stable-diffusion-xl-base-1.0 UNet
    config) at 1024x1024 (latent 128x128, batch 2 for CFG, fp16) with N = 2, 4, 8 from the closed-form
    formula (`fastdiff.parallel.expected_bytes`), which is checked here against the bytes counted in the
@@ -34,15 +36,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "eval" / "results" / "patch_parallel"
 SPEED_CONFIGS = {
-    "sync": dict(mode="sync"),
-    "async": dict(mode="async", warmup_steps=1),
-    "partial": dict(mode="async", warmup_steps=1, conditioning="partial"),
+    "sync": dict(mode="sync", split_cfg=False),
+    "async": dict(mode="async", warmup_steps=1, split_cfg=False),
+    "partial": dict(mode="async", warmup_steps=1, conditioning="partial", split_cfg=False),
+    "sync, split_cfg": dict(mode="sync", split_cfg=True),
 }
 QUALITY_CONFIGS = {
-    "sync": dict(mode="sync"),
-    "async": dict(mode="async", warmup_steps=4),
-    "partial": dict(mode="async", warmup_steps=4, conditioning="partial"),
-    "naive": dict(mode="naive"),
+    "sync": dict(mode="sync", split_cfg=False),
+    "async": dict(mode="async", warmup_steps=4, split_cfg=False),
+    "partial": dict(mode="async", warmup_steps=4, conditioning="partial", split_cfg=False),
+    "naive": dict(mode="naive", split_cfg=False),
+    "sync, split_cfg": dict(mode="sync", split_cfg=True),
 }
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the fields that set layer shapes)
 SDXL_UNET = dict(
@@ -60,8 +64,8 @@ def _speed_inputs(latent: int):
 
     unet = build_reference_unet().eval()
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, latent, latent, generator=g)
-    labels = torch.tensor([3])
+    sample = torch.randn(1, 4, latent, latent, generator=g).repeat(2, 1, 1, 1)
+    labels = torch.tensor([10, 3])  # classifier-free guidance batch: null label, digit 3
     return unet, dict(sample=sample, encoder_hidden_states=label_condition(labels), class_labels=labels)
 
 
@@ -72,7 +76,7 @@ def _time_calls(unet, inputs: dict, calls: int, barrier=None) -> list[float]:
         if barrier:
             barrier()
         start = time.perf_counter()
-        unet(timestep=torch.tensor([500 - 10 * i]), **inputs)
+        unet(timestep=torch.tensor(500 - 10 * i), **inputs)
         times.append(time.perf_counter() - start)
     return times
 
@@ -104,7 +108,8 @@ def worker_speed(args) -> None:
             _time_calls(unet, inputs, 2)  # warm-up (allocations, gloo connections)
             reset_patch_parallel(unet)
             times = _time_calls(unet, inputs, args.calls + 1, barrier=dist.barrier)
-            result[name] = {"times": times[1:], "bytes": state.comm.bytes_by_step()}  # call 0 is synchronous
+            result[name] = {"times": times[1:], "bytes": state.comm.bytes_by_step(),  # call 0 is synchronous
+                            "pair_bytes": state.split.pair.bytes_by_step() if state.split else None}
             disable_patch_parallel(unet)
         dist.barrier()
     if args.rank == 0:
@@ -174,7 +179,9 @@ def part_speed(args, tmp: Path) -> dict:
     rows = {"1 rank x 1 thread": _median(one), "1 rank x 2 threads": _median(two_threads)}
     for name in SPEED_CONFIGS:
         rows[f"2 ranks x 1 thread, {name}"] = _median(ranks[name]["times"])
+    pair = ranks["sync, split_cfg"]["pair_bytes"]
     return {"seconds_per_call": rows, "counted_bytes": {k: ranks[k]["bytes"] for k in SPEED_CONFIGS},
+            "split_cfg_pair_bytes_per_call": max(sum(v.values()) for v in pair.values()),
             "load_average": [load_before, os.getloadavg()[0]]}
 
 
@@ -189,7 +196,9 @@ def part_bytes(args, counted: dict) -> dict:
     checks = {}
     for name, per_step in counted.items():
         cfg = PatchParallelConfig(**SPEED_CONFIGS[name])
-        ok = all(per_step[s] == expected_bytes(plan_ref, args.latent, args.latent, 2, 1, rank=0, mode=cfg.mode,
+        if cfg.split_cfg:  # no bands on 2 ranks: only the swap of output halves (pair bytes)
+            continue
+        ok = all(per_step[s] == expected_bytes(plan_ref, args.latent, args.latent, 2, 2, rank=0, mode=cfg.mode,
                                                conditioning=cfg.conditioning, warmup=s < cfg.warmup_steps)
                  for s in per_step)
         checks[name] = ok
@@ -243,7 +252,7 @@ def _markdown(res: dict) -> str:
     lines = [
         "# Patch parallelism (DistriFusion / PCPP) on CPU, gloo", "",
         f"Hardware: {meta['hardware']}; torch {meta['torch']}, diffusers {meta['diffusers']}; {meta['date']}.", "",
-        f"## Speed: reference UNet architecture, latent 4x{meta['latent']}x{meta['latent']}, batch 1, "
+        f"## Speed: reference UNet architecture, latent 4x{meta['latent']}x{meta['latent']}, CFG batch 2, "
         f"median of {meta['calls']} calls", "",
     ]
     if "load_average" in res["speed"]:
@@ -254,6 +263,10 @@ def _markdown(res: dict) -> str:
     speed = res["speed"]["seconds_per_call"]
     base = speed["1 rank x 1 thread"]
     lines += [f"| {k} | {v:.3f} | {base / v:.2f}x |" for k, v in speed.items()]
+    if "split_cfg_pair_bytes_per_call" in res["speed"]:
+        lines += ["", "With `split_cfg` on 2 ranks there are no bands: each rank runs one CFG half of the batch and "
+                  f"receives the other half's output, {res['speed']['split_cfg_pair_bytes_per_call'] / 1e6:.2f} MB "
+                  "per UNet call (counted)."]
     b = res["bytes"]
     lines += ["", "## Received bytes per rank per UNet call, SDXL 1024x1024 (latent 128x128, CFG batch 2, fp16)", "",
               f"Formula checked against counted bytes of the 2-rank runs: {b['formula_equals_counts']}. "

@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["sync", "async", "naive"], default="async")
     ap.add_argument("--warmup-steps", type=int, default=4)
     ap.add_argument("--conditioning", choices=["full", "partial"], default="full")
+    ap.add_argument("--no-split-cfg", action="store_true",
+                    help="put every rank on bands of the whole CFG batch instead of splitting the batch in halves")
     ap.add_argument("--patch-ranks", type=int, default=None, help="ranks per image (default: the whole world)")
     ap.add_argument("--out", type=Path, default=Path("patch_parallel.png"))
     args = ap.parse_args()
@@ -66,7 +68,8 @@ def main() -> None:
 
     pipe = load(args.model, device)
     pipe.set_progress_bar_config(disable=True)
-    config = PatchParallelConfig(mode=args.mode, warmup_steps=args.warmup_steps, conditioning=args.conditioning)
+    config = PatchParallelConfig(mode=args.mode, warmup_steps=args.warmup_steps, conditioning=args.conditioning,
+                                 split_cfg=not args.no_split_cfg)
     enable_patch_parallel(pipe, config, group=groups[index])
     generator = torch.Generator("cpu").manual_seed(args.seed + index)  # the same on every rank of the group
     start = time.perf_counter()
@@ -81,7 +84,8 @@ def main() -> None:
     if rank % size == 0:
         out = args.out if world == size else args.out.with_stem(f"{args.out.stem}_{index}")
         image.save(out)
-        print(f"group {index} ({size} ranks, {args.mode}/{args.conditioning}): {seconds:.2f} s -> {out}")
+        setup = f"{size} ranks, {args.mode}/{args.conditioning}, split_cfg={config.split_cfg}"
+        print(f"group {index} ({setup}): {seconds:.2f} s -> {out}")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -21,16 +21,17 @@ import torch
 
 STEPS = 10
 FAIL_TIMEOUT_S = 5.0
-SD_CONFIGS = {
-    "sync": dict(mode="sync"),
-    "sync_p2p": dict(mode="sync", conditioning="partial", warmup_steps=STEPS),  # exact; halos point-to-point
-    "async": dict(mode="async", warmup_steps=3),
-    "async_stale_gn": dict(mode="async", warmup_steps=3, group_norm="stale"),
-    "partial": dict(mode="async", warmup_steps=3, conditioning="partial"),
-    "naive": dict(mode="naive"),
+SD_CONFIGS = {  # all ranks on bands of the whole CFG batch, except "*_split" (halves of the batch, split_cfg)
+    "sync": dict(mode="sync", split_cfg=False),
+    "sync_p2p": dict(mode="sync", conditioning="partial", warmup_steps=STEPS, split_cfg=False),  # exact; p2p halos
+    "async": dict(mode="async", warmup_steps=3, split_cfg=False),
+    "async_stale_gn": dict(mode="async", warmup_steps=3, group_norm="stale", split_cfg=False),
+    "partial": dict(mode="async", warmup_steps=3, conditioning="partial", split_cfg=False),
+    "naive": dict(mode="naive", split_cfg=False),
+    "sync_split": dict(mode="sync", split_cfg=True),
 }
-SD_CONFIGS_4 = ("sync", "async", "partial", "naive")  # the 4-rank job runs fewer (2 CPU cores)
-REF_CONFIGS = {"sync": dict(mode="sync")}
+SD_CONFIGS_4 = ("sync", "async", "partial", "naive", "sync_split")  # the 4-rank job runs fewer (2 CPU cores)
+REF_CONFIGS = {"sync": dict(mode="sync", split_cfg=False), "sync_split": dict(mode="sync", split_cfg=True)}
 
 
 # --- shared recipes (also used in-process by the test) ---
@@ -84,7 +85,9 @@ def run_configs(pipe, group, configs: dict, seed: int = 0) -> dict:
     for name, kwargs in configs.items():
         state = enable_patch_parallel(pipe, PatchParallelConfig(**kwargs), group=group)
         try:
-            out[name] = {"latents": run_trajectory(pipe, seed), "bytes": state.comm.bytes_by_step()}
+            out[name] = {"latents": run_trajectory(pipe, seed), "bytes": state.comm.bytes_by_step(),
+                         "pair_bytes": state.split.pair.bytes_by_step() if state.split else None,
+                         "patch_ranks": state.world_size, "wrapped": len(state.layers)}
         finally:
             disable_patch_parallel(pipe)
     return out
@@ -213,7 +216,8 @@ def fail_scenario(pipe, group, how: str) -> dict:
     from fastdiff.parallel import PatchParallelConfig, enable_patch_parallel
 
     victim = dist.get_rank(group) == 1
-    enable_patch_parallel(pipe, PatchParallelConfig(mode="async", warmup_steps=2, timeout_s=FAIL_TIMEOUT_S), group)
+    config = PatchParallelConfig(mode="async", warmup_steps=2, timeout_s=FAIL_TIMEOUT_S, split_cfg=False)
+    enable_patch_parallel(pipe, config, group)
 
     def on_step(i):
         if victim and i == 3:

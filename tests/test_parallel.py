@@ -103,7 +103,7 @@ def test_config_validation():
     assert PatchParallelConfig().mode == "async"
     for bad in (dict(mode="fast"), dict(warmup_steps=-1), dict(mode="async", warmup_steps=0),
                 dict(conditioning="half"), dict(partial_fraction=0.0), dict(group_norm="exact"),
-                dict(split_cfg=True), dict(timeout_s=0)):
+                dict(split_cfg="yes"), dict(timeout_s=0)):
         with pytest.raises(ValueError):
             PatchParallelConfig(**bad)
     PatchParallelConfig(mode="sync", warmup_steps=0)
@@ -121,7 +121,8 @@ def test_not_divisible_height_raises_before_communicating():
     from fastdiff.parallel import disable_patch_parallel, enable_patch_parallel
 
     pipe = worker.sd_pipeline()
-    enable_patch_parallel(pipe, PatchParallelConfig(mode="sync"), group=worker.thread_comm(worker.ThreadHub(4), 0))
+    config = PatchParallelConfig(mode="sync", split_cfg=False)
+    enable_patch_parallel(pipe, config, group=worker.thread_comm(worker.ThreadHub(4), 0))
     with pytest.raises(ValueError, match="multiple of 8"):  # latent 20 rows, 4 bands, one downsample
         pipe("a red cube", height=40, width=64, num_inference_steps=2, output_type="latent")
     disable_patch_parallel(pipe)
@@ -180,7 +181,8 @@ def test_sync_simulated_sdxl_and_controlnet_equal_single_process(factory):
     from fastdiff.parallel import disable_patch_parallel, enable_patch_parallel
 
     def body(rank, hub, replica):
-        enable_patch_parallel(replica, PatchParallelConfig(mode="sync"), group=worker.thread_comm(hub, rank))
+        config = PatchParallelConfig(mode="sync", split_cfg=False)
+        enable_patch_parallel(replica, config, group=worker.thread_comm(hub, rank))
         got[rank] = run(replica)
         disable_patch_parallel(replica)
 
@@ -219,7 +221,7 @@ def test_each_wrapped_layer_equals_original(results, world):
 def test_sync_run_equals_single_process_on_every_rank(results, single, world):
     """10 DPM-Solver++ steps; with 2 ranks, two pairs run two images (seeds 0, 1) at once (data x patch)."""
     for seed, ranks, _ in _groups(results, world):
-        for model, configs in (("sd", ("sync", "sync_p2p")), ("reference", ("sync",))):
+        for model, configs in (("sd", ("sync", "sync_p2p", "sync_split")), ("reference", ("sync", "sync_split"))):
             for config in configs:
                 if config not in ranks[0][model]:
                     continue
@@ -266,9 +268,19 @@ def test_counted_bytes_equal_formulas(results, world):
             for model, (size, batch) in shapes.items():
                 for name, got in rank_results[model].items():
                     config = PatchParallelConfig(**configs[model][name])
+                    n, b, r = world, batch, rank
+                    if config.split_cfg:  # bands of half the batch over half the ranks; pairs swap outputs
+                        n, b, r = world // 2, batch // 2, rank % (world // 2)
+                        half_output = b * 4 * size * size * 4  # 4 latent channels, fp32
+                        assert got["pair_bytes"] == {s: {"conv": 0, "attn": 0, "norm": 0, "output": half_output}
+                                                     for s in range(worker.STEPS)}
+                        assert got["patch_ranks"] == n and (got["wrapped"] > 0) == (n > 1)
+                        if n == 1:  # one rank per half: no bands, nothing else exchanged
+                            assert got["bytes"] == {}
+                            continue
                     assert sorted(got["bytes"]) == list(range(worker.STEPS))
                     for step, counted in got["bytes"].items():
-                        want = expected_bytes(plans[model], size, size, world, batch, rank=rank, mode=config.mode,
+                        want = expected_bytes(plans[model], size, size, n, b, rank=r, mode=config.mode,
                                               conditioning=config.conditioning,
                                               partial_fraction=config.partial_fraction,
                                               warmup=step < config.warmup_steps)

@@ -33,8 +33,12 @@ class PatchParallelConfig:
             corrected asynchronous GN (stale global moments plus the fresh-minus-stale change of the local
             band). "stale": other bands' statistics from the previous step, local band fresh. "sync": a
             blocking exchange of fresh statistics every step, even in async mode.
-        split_cfg: compute the conditional and unconditional halves of a classifier-free-guidance batch on
-            different rank groups. Not implemented: must be False (each band computes the whole batch).
+        split_cfg: DistriFusion's batch split. With an even number of ranks, the first half of the ranks
+            computes the first half of each UNet batch (the unconditional branch of classifier-free
+            guidance) and the second half the rest, each half patch parallel over its own ranks; the
+            two halves swap outputs after every UNet call. Exact (no staleness), and half the patches
+            per image: on 2 ranks there are no bands at all. Ignored for an odd number of ranks or
+            an odd UNet batch (both halves then compute the whole batch).
         timeout_s: seconds any rank waits for a collective before raising `PatchParallelError` (a rank
             that crashed or is stuck then fails the others instead of hanging them).
     """
@@ -44,7 +48,7 @@ class PatchParallelConfig:
     conditioning: Literal["full", "partial"] = "full"
     partial_fraction: float = 0.3
     group_norm: Literal["corrected", "stale", "sync"] = "corrected"
-    split_cfg: bool = False
+    split_cfg: bool = True
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -60,10 +64,7 @@ class PatchParallelConfig:
             raise ValueError(f"partial_fraction must be in (0, 1], got {self.partial_fraction!r}.")
         if self.group_norm not in ("corrected", "stale", "sync"):
             raise ValueError(f"group_norm must be 'corrected', 'stale' or 'sync', got {self.group_norm!r}.")
-        if self.split_cfg:
-            raise ValueError(
-                "split_cfg=True (guidance halves on separate rank groups) is not implemented; use split_cfg=False "
-                "(or run one image per patch group through an explicit `group=`)."
-            )
+        if not isinstance(self.split_cfg, bool):
+            raise ValueError(f"split_cfg must be True or False, got {self.split_cfg!r}.")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s!r}.")

@@ -26,6 +26,7 @@ from torch import nn
 
 from fastdiff.parallel.comm import Communicator, Pending
 from fastdiff.parallel.config import PatchParallelConfig
+from fastdiff.parallel.split_batch import BatchSplit
 
 _SUPPORTED_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
@@ -33,8 +34,8 @@ _SUPPORTED_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 class PatchState:
     """Shared per-UNet state: the config, the communicator and the UNet-call counter of the current pipeline call."""
 
-    def __init__(self, config: PatchParallelConfig, comm: Communicator) -> None:
-        self.config, self.comm = config, comm
+    def __init__(self, config: PatchParallelConfig, comm: Communicator, split: BatchSplit | None = None) -> None:
+        self.config, self.comm, self.split = config, comm, split
         self.step = 0
         self.layers: list[PatchLayer] = []
 
@@ -60,6 +61,8 @@ class PatchState:
             layer.forget(drain)
         self.step = 0
         self.comm.step = 0
+        if self.split is not None:
+            self.split.pair.step = 0
 
 
 class PatchLayer(nn.Module):

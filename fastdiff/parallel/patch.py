@@ -4,6 +4,8 @@
 band-aware wrappers (`layers.py`) that keep the originals inside, and attaches one diffusers `ModelHook`
 to the UNet that counts UNet calls (warm-up vs asynchronous), resets at each new pipeline call, checks
 that the latent height splits evenly at every level and slices ControlNet residuals into bands.
+With `split_cfg` (and an even number of ranks) the same hook first cuts the UNet batch in half for this
+rank's half of the ranks and, after the call, swaps outputs with its pair (`split_batch.py`).
 `disable_patch_parallel` puts the original layers back and removes the hook.
 """
 
@@ -24,6 +26,7 @@ from fastdiff.parallel.layers import (
     PatchState,
     layer_plan,
 )
+from fastdiff.parallel.split_batch import gather_output, split_groups, split_inputs
 
 HOOK_NAME = "fastdiff_patch_parallel"
 _ATTR = "_fastdiff_patch_parallel"
@@ -62,6 +65,7 @@ class _PatchParallelHook:
         self.state, self.pipe = state, pipe
         self.num_down = num_downsamples(unet)
         self._timesteps_seen: Any = None
+        self._split_now = False
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any):
         st = self.state
@@ -72,8 +76,15 @@ class _PatchParallelHook:
             self._timesteps_seen = timesteps
             st.reset()
             st.comm.reset_counts()
+            if st.split is not None:
+                st.split.pair.reset_counts()
         st.comm.step = st.step
         sample = args[0] if args else kwargs["sample"]
+        self._split_now = st.split is not None and sample.shape[0] % 2 == 0
+        if self._split_now:
+            st.split.pair.step = st.step
+            args, kwargs = split_inputs(args, kwargs, sample.shape[0], st.split.index)
+            sample = args[0] if args else kwargs["sample"]
         check_divisible(sample.shape[-2], st.world_size, self.num_down)
         if kwargs.get("attention_mask") is not None:
             raise ValueError("patch parallelism does not support a self-attention `attention_mask`.")
@@ -89,6 +100,8 @@ class _PatchParallelHook:
         return t[:, :, self.state.rank * h:(self.state.rank + 1) * h]
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
+        if self._split_now:
+            output = gather_output(output, self.state.split)
         self.state.step += 1
         return output
 
@@ -124,7 +137,8 @@ def enable_patch_parallel(pipe: Any, config: PatchParallelConfig | None = None, 
             `Communicator` (e.g. an in-process simulator).
 
     Returns:
-        The `PatchState` (step counter and communicator with per-step received bytes).
+        The `PatchState`: step counter, the patch group's communicator with per-step received bytes
+        and, with `split_cfg`, `state.split` (this rank's batch half and its pair's communicator).
 
     Example:
         >>> torch.distributed.init_process_group("gloo")  # launched with torchrun --nproc_per_node 2
@@ -139,11 +153,21 @@ def enable_patch_parallel(pipe: Any, config: PatchParallelConfig | None = None, 
     if hasattr(unet, _ATTR):
         raise ValueError("patch parallelism is already enabled on this UNet: call disable_patch_parallel first.")
     plan = layer_plan(unet)  # validates every layer before anything changes
-    comm = group if isinstance(group, Communicator) else Communicator(group, config.timeout_s)
-    state = PatchState(config, comm)
+    split = None
+    if isinstance(group, Communicator):  # a ready communicator (e.g. the in-process simulator)
+        comm = group
+        if config.split_cfg and comm.world_size % 2 == 0:
+            raise ValueError("split_cfg=True needs a torch.distributed process group to split into halves; "
+                             "pass `group` as a process group (or None), or use split_cfg=False.")
+    else:
+        comm = Communicator(group, config.timeout_s)
+        if config.split_cfg and comm.world_size % 2 == 0:
+            patch_group, split = split_groups(group, config.timeout_s)
+            comm = Communicator(patch_group, config.timeout_s)
+    state = PatchState(config, comm, split)
     modules = dict(unet.named_modules())
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    for layer_id, spec in enumerate(plan):
+    for layer_id, spec in enumerate(plan if comm.world_size > 1 else []):  # one rank per half: no bands
         parent_name, _, child = spec.name.rpartition(".")
         parent = modules[parent_name] if parent_name else unet
         original = modules[spec.name]
@@ -191,3 +215,5 @@ def reset_patch_parallel(pipe: Any) -> None:
     if state is not None:
         state.reset()
         state.comm.reset_counts()
+        if state.split is not None:
+            state.split.pair.reset_counts()
