@@ -14,7 +14,12 @@ from fastdiff.hooks import (
     apply_encoder_propagation,
     encoder_propagation,
 )
-from fastdiff.hooks.encoder_propagation import PRESETS, injection_eps_coefficient, key_step_indices
+from fastdiff.hooks.encoder_propagation import (
+    PRESETS,
+    injection_eps_coefficient,
+    injection_v_coefficient,
+    key_step_indices,
+)
 
 STEPS = 5
 KEYS = [0, 3]  # groups [1, 2] and [4]: a batched decode of two steps and of one
@@ -210,7 +215,9 @@ def test_schedulers(scheduler):
     _assert_parallel_matches_sequential(pipe, "sd")
 
 
-def test_injection_coefficient_matches_ddim_step_on_injected_latent():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_injection_coefficient_matches_ddim_step_on_injected_latent(prediction_type):
+    """diffusers' DDIM step of the injected latent z + delta == its step of z with the shifted model output."""
     scheduler = DDIMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
@@ -218,15 +225,17 @@ def test_injection_coefficient_matches_ddim_step_on_injected_latent():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
+    coefficient = injection_eps_coefficient if prediction_type == "epsilon" else injection_v_coefficient
     scheduler.set_timesteps(10)
-    z, eps, delta = torch.randn(3, 4, 8, 8, dtype=torch.float64).unbind(0)
+    z, out, delta = torch.randn(3, 4, 8, 8, dtype=torch.float64).unbind(0)
     for i, t in enumerate(scheduler.timesteps):
         prev = scheduler.timesteps[i + 1] if i + 1 < 10 else None
         a_prev = scheduler.alphas_cumprod[prev] if prev is not None else scheduler.final_alpha_cumprod
-        c = injection_eps_coefficient(float(scheduler.alphas_cumprod[t]), float(a_prev))
-        paper = scheduler.step(eps, t, z + delta).prev_sample
-        ours = scheduler.step(eps + c * delta, t, z).prev_sample
+        c = coefficient(float(scheduler.alphas_cumprod[t]), float(a_prev))
+        paper = scheduler.step(out, t, z + delta).prev_sample
+        ours = scheduler.step(out + c * delta, t, z).prev_sample
         torch.testing.assert_close(ours, paper, atol=1e-6, rtol=1e-5)  # the scheduler's alphas are float32
 
 

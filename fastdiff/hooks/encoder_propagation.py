@@ -133,6 +133,17 @@ def injection_eps_coefficient(alpha_bar_t: float, alpha_bar_prev: float) -> floa
     return a_p / (a_t * s_p - a_p * s_t)
 
 
+def injection_v_coefficient(alpha_bar_t: float, alpha_bar_prev: float) -> float:
+    """Faster Diffusion prior noise injection carried by a v prediction (Salimans & Ho 2022 parametrisation).
+
+    The scheduler reads epsilon = s_t z + a_t v, so the epsilon shift ``c * delta`` of
+    `injection_eps_coefficient` plus the ``s_t * delta`` that the injected latent adds to that epsilon
+    become the v shift ``(s_t + c) / a_t * delta``.
+    """
+    a_t, s_t = math.sqrt(alpha_bar_t), math.sqrt(1.0 - alpha_bar_t)
+    return (s_t + injection_eps_coefficient(alpha_bar_t, alpha_bar_prev)) / a_t
+
+
 def _tile(value: Any, m: int) -> Any:
     """Repeat every tensor in `value` (a tensor, or nested tuples/lists/dicts) m times along dim 0."""
     if torch.is_tensor(value):
@@ -195,7 +206,7 @@ class _PropagationState:
         return self.step
 
     def injection(self, step: int, timestep) -> float | None:
-        """The epsilon coefficient of noise injection at this step, or None when it does not apply."""
+        """The model-output coefficient of noise injection at this step, or None when it does not apply."""
         alpha = self.config.noise_injection_alpha
         if alpha == 0 or float(timestep) >= self.config.noise_injection_tau:
             return None
@@ -206,14 +217,17 @@ class _PropagationState:
                 f"noise injection needs a variance-preserving scheduler with alphas_cumprod (DDIM, DPM-Solver, ...); "
                 f"{type(scheduler).__name__} is not one: set noise_injection_alpha=0."
             )
-        if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
-            raise ValueError("noise injection is implemented for epsilon prediction: set noise_injection_alpha=0.")
+        prediction = getattr(scheduler.config, "prediction_type", "epsilon")
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"noise injection is implemented for epsilon and v prediction, not {prediction!r}: "
+                             "set noise_injection_alpha=0.")
         alpha_bar_t = float(alphas_cumprod[int(timestep)])
         if step + 1 < self.num_steps:
             alpha_bar_prev = float(alphas_cumprod[int(self.timesteps[step + 1])])
         else:
             alpha_bar_prev = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
-        return alpha * injection_eps_coefficient(alpha_bar_t, alpha_bar_prev)
+        coefficient = injection_eps_coefficient if prediction == "epsilon" else injection_v_coefficient
+        return alpha * coefficient(alpha_bar_t, alpha_bar_prev)
 
 
 class EncoderPartHook(ModelHook):
