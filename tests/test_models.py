@@ -102,3 +102,18 @@ def test_unet_is_a_stock_diffusers_model(pipe, tmp_path):
     again = UNet2DConditionModel.from_pretrained(tmp_path)
     for a, b in zip(again.state_dict().values(), pipe.unet.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_target_matches_diffusers(prediction_type):
+    """The training pair (x_t, target) equals diffusers' add_noise and get_velocity on the same inputs."""
+    from fastdiff.models.train import SCHEDULER_CONFIG, noised_and_target
+
+    sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 8, 4, 16, 16, generator=g).unbind(0)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    noisy, target = noised_and_target(sched.alphas_cumprod, x0, eps, t, prediction_type)
+    torch.testing.assert_close(noisy, sched.add_noise(x0, eps, t))
+    want = eps if prediction_type == "epsilon" else sched.get_velocity(x0, eps, t)
+    torch.testing.assert_close(target, want)
