@@ -44,7 +44,11 @@ SPEED_CONFIGS = {
 QUALITY_CONFIGS = {
     "sync": dict(mode="sync", split_cfg=False),
     "async": dict(mode="async", warmup_steps=4, split_cfg=False),
+    "async, GN stale": dict(mode="async", warmup_steps=4, group_norm="stale", split_cfg=False),
+    "async, GN sync": dict(mode="async", warmup_steps=4, group_norm="sync", split_cfg=False),
     "partial": dict(mode="async", warmup_steps=4, conditioning="partial", split_cfg=False),
+    "partial, GN sync": dict(mode="async", warmup_steps=4, conditioning="partial", group_norm="sync",
+                             split_cfg=False),
     "naive": dict(mode="naive", split_cfg=False),
     "sync, split_cfg": dict(mode="sync", split_cfg=True),
 }
