@@ -202,6 +202,7 @@ def part_bytes(args, counted: dict) -> dict:
         cfg = PatchParallelConfig(**SPEED_CONFIGS[name])
         if cfg.split_cfg:  # no bands on 2 ranks: only the swap of output halves (pair bytes)
             continue
+        per_step = {int(step): counts for step, counts in per_step.items()}  # JSON keys are strings (--skip-speed)
         ok = all(per_step[s] == expected_bytes(plan_ref, args.latent, args.latent, 2, 2, rank=0, mode=cfg.mode,
                                                conditioning=cfg.conditioning, warmup=s < cfg.warmup_steps)
                  for s in per_step)
