@@ -226,6 +226,20 @@ def test_folder_of_another_method_is_rejected(pipe, tmp_path):
         G.generate_images(pipe, MethodSpec(name="x", steps=3), tmp_path, n=2, batch_size=2, progress=False)
 
 
+def test_folder_of_another_model_is_rejected(pipe, tmp_path):
+    """Same method, changed weights (e.g. a retrained model): resuming must not reuse the old images."""
+    import copy
+
+    method = MethodSpec(name="x", steps=2)
+    G.generate_images(pipe, method, tmp_path, n=2, batch_size=2, progress=False)
+    G.generate_images(pipe, method, tmp_path, n=2, batch_size=2, progress=False)  # same model: resumes
+    other = copy.deepcopy(pipe)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="another model"):
+        G.generate_images(other, method, tmp_path, n=2, batch_size=2, progress=False)
+
+
 def test_method_errors(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="unknown scheduler 'DDIMSchedular'.*DDIMScheduler"):
         MethodSpec(name="x", scheduler="DDIMSchedular", steps=10)

@@ -19,6 +19,7 @@ Scale-out is torch.distributed as is: `torchrun --nproc_per_node N` or `accelera
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -234,8 +235,26 @@ class GenerationResult:
     hardware: str
 
 
-def _identity(method: MethodSpec, base_seed: int, batch_size: int, prompts) -> dict:
+def model_fingerprint(pipe) -> str | None:
+    """Short hash of the denoiser's weights (per-tensor name, shape, sum and sum of squares in float64).
+
+    Stored with generated images, so that a resumed run never mixes images of two different models
+    under the same method name. Cheap: one pass over the weights, no copy of the whole model.
+    """
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if model is None:
+        return None
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            t = tensor.detach().double()
+            digest.update(f"{name}{tuple(t.shape)}{float(t.sum()):.12e}{float((t * t).sum()):.12e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _identity(method: MethodSpec, base_seed: int, batch_size: int, prompts, model: str | None = None) -> dict:
     return {
+        "model": model,
         "method": method.to_dict(),
         "base_seed": base_seed,
         "batch_size": batch_size,
@@ -265,12 +284,13 @@ def generate_images(
     rank, world = init_distributed()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    identity = _identity(method, base_seed, batch_size, prompts)
+    identity = _identity(method, base_seed, batch_size, prompts, model_fingerprint(pipe))
     record_path = folder / RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else None
     if record is not None and {k: record.get(k) for k in identity} != identity:
+        what = "another model (weights)" if record.get("model") != identity["model"] else "another method"
         raise ValueError(
-            f"{folder} holds images of another method, seed or batch size ({record_path}); "
+            f"{folder} holds images of {what}, seed or batch size ({record_path}); "
             "use a new output folder or delete this one."
         )
     _barrier()
