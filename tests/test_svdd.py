@@ -62,10 +62,17 @@ def test_m1_reproduces_reference_pipeline(reference_pipe, kind):
 
 
 def test_m1_uses_the_pipeline_call_defaults(reference_pipe):
-    """No guidance or step count given: SVDD must take the pipeline's own defaults (guidance 3, 50 steps)."""
-    reference_pipe.scheduler = DDPMScheduler.from_config(reference_train.SCHEDULER_CONFIG)
-    plain = reference_pipe(class_labels=[1, 7], generator=_gens(2), output_type="pt").images
-    out = svdd_sample(reference_pipe, brightness, SVDDConfig(num_candidates=1, **QUIET), class_labels=[1, 7],
+    """No guidance or step count given: SVDD must take the pipeline's own call defaults, whatever they are."""
+
+    class Guided(type(reference_pipe)):  # defaults unlike any fallback: guidance 3, 7 steps
+        def __call__(self, *args, guidance_scale: float = 3.0, num_inference_steps: int = 7, **kwargs):
+            return super().__call__(*args, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                    **kwargs)
+
+    pipe = Guided(unet=reference_pipe.unet, scheduler=DDPMScheduler.from_config(reference_train.SCHEDULER_CONFIG))
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(class_labels=[1, 7], generator=_gens(2), output_type="pt").images
+    out = svdd_sample(pipe, brightness, SVDDConfig(num_candidates=1, **QUIET), class_labels=[1, 7],
                       generator=_gens(2))
     assert torch.equal(out.images, plain)
 

@@ -33,7 +33,7 @@ RECORD_FILE = "reference_model.json"
 # multiplies the epsilon error by 1/alpha (~160 at t = 999 here), and the measured epsilon model's small,
 # image-wide per-channel biases at high noise turned every deterministic (ODE) sampler's output into stripes.
 # With v, the x0 error is at most the v error. x0 is clipped to [-1, 1] (pixel space), so 10-50-step samplers
-# work as is. The shipped default sampler is DDPM (ancestral) at 50 steps with guidance 3.
+# work as is. The shipped default sampler is DDPM (ancestral) at 50 steps without guidance (pipeline.py).
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True,
     set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing", prediction_type="v_prediction",
@@ -44,6 +44,11 @@ def _atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def scheduler_config(prediction_type: str | None = None) -> dict:
+    """SCHEDULER_CONFIG for a model trained with `prediction_type` (default: the shipped one)."""
+    return {**SCHEDULER_CONFIG, "prediction_type": prediction_type or SCHEDULER_CONFIG["prediction_type"]}
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int = 200) -> float:
@@ -207,8 +212,7 @@ def write_scheduler_config(out_dir: Path = WEIGHTS_DIR, prediction_type: str | N
     """The shipped default sampler: DDPMScheduler (ancestral, x0 clipped) on SCHEDULER_CONFIG."""
     from diffusers import DDPMScheduler
 
-    config = {**SCHEDULER_CONFIG, "prediction_type": prediction_type or SCHEDULER_CONFIG["prediction_type"]}
-    (out_dir / SCHEDULER_FILE).write_text(DDPMScheduler.from_config(config).to_json_string())
+    (out_dir / SCHEDULER_FILE).write_text(DDPMScheduler.from_config(scheduler_config(prediction_type)).to_json_string())
 
 
 def add_train_reference_arguments(p: argparse.ArgumentParser) -> None:
@@ -247,7 +251,7 @@ def run_train_reference(args: argparse.Namespace) -> int:
         "split": {"seed": SPLIT_SEED, "held_out": NUM_HELD_OUT, "train": 5000 - NUM_HELD_OUT},
         "unet_config": UNET_CONFIG, "unet_parameters": sum(p.numel() for p in result["ema"].parameters()),
         "prediction_type": args.prediction_type, "init_from": state.get("init_from"),
-        "scheduler": {**SCHEDULER_CONFIG, "prediction_type": args.prediction_type},
+        "scheduler": scheduler_config(args.prediction_type),
         "loss_curve": state["losses"], "train_wall_s": round(state["wall_s"], 1),
         "total_train_wall_s": round(state["wall_s"] + (state.get("init_from") or {}).get("wall_s", 0.0), 1),
         "default_sampler": {"scheduler": "DDPMScheduler", "num_inference_steps": DEFAULT_STEPS,

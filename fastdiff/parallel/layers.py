@@ -64,6 +64,12 @@ class PatchState:
         if self.split is not None:
             self.split.pair.step = 0
 
+    def reset_counts(self) -> None:
+        """Forget the received-byte counts (patch group and, with split_cfg, the pair)."""
+        self.comm.reset_counts()
+        if self.split is not None:
+            self.split.pair.reset_counts()
+
 
 class PatchLayer(nn.Module):
     """Base of the band-aware wrappers: `module` is the original layer; `_stale` the exchange from the last call."""

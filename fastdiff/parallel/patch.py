@@ -75,9 +75,7 @@ class _PatchParallelHook:
             # set_timesteps() runs once per pipeline call and makes a new tensor: a new call has started
             self._timesteps_seen = timesteps
             st.reset()
-            st.comm.reset_counts()
-            if st.split is not None:
-                st.split.pair.reset_counts()
+            st.reset_counts()
         st.comm.step = st.step
         sample = args[0] if args else kwargs["sample"]
         self._split_now = st.split is not None and sample.shape[0] % 2 == 0
@@ -153,17 +151,15 @@ def enable_patch_parallel(pipe: Any, config: PatchParallelConfig | None = None, 
     if hasattr(unet, _ATTR):
         raise ValueError("patch parallelism is already enabled on this UNet: call disable_patch_parallel first.")
     plan = layer_plan(unet)  # validates every layer before anything changes
+    ready = isinstance(group, Communicator)  # e.g. the in-process simulator
+    comm = group if ready else Communicator(group, config.timeout_s)
     split = None
-    if isinstance(group, Communicator):  # a ready communicator (e.g. the in-process simulator)
-        comm = group
-        if config.split_cfg and comm.world_size % 2 == 0:
+    if config.split_cfg and comm.world_size % 2 == 0:
+        if ready:
             raise ValueError("split_cfg=True needs a torch.distributed process group to split into halves; "
                              "pass `group` as a process group (or None), or use split_cfg=False.")
-    else:
-        comm = Communicator(group, config.timeout_s)
-        if config.split_cfg and comm.world_size % 2 == 0:
-            patch_group, split = split_groups(group, config.timeout_s)
-            comm = Communicator(patch_group, config.timeout_s)
+        patch_group, split = split_groups(group, config.timeout_s)
+        comm = Communicator(patch_group, config.timeout_s)
     state = PatchState(config, comm, split)
     modules = dict(unet.named_modules())
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
@@ -214,6 +210,4 @@ def reset_patch_parallel(pipe: Any) -> None:
     state = patch_parallel_state(pipe)
     if state is not None:
         state.reset()
-        state.comm.reset_counts()
-        if state.split is not None:
-            state.split.pair.reset_counts()
+        state.reset_counts()
