@@ -1,6 +1,6 @@
 """Benchmark: Faster Diffusion (arXiv 2312.09608) encoder propagation — FLOPs, CPU wall time and quality.
 
-Three parts, each measured side by side in one run and written to eval/results/encoder_propagation/:
+Four parts, each measured side by side in one run and written to eval/results/encoder_propagation/:
 
 1. flops:   UNet FLOPs counted with torch.utils.flop_counter.FlopCounterMode on meta tensors (classic
             attention processor so attention matmuls are counted) for the SD1.5 UNet (512x512, latent 64x64)
@@ -9,11 +9,15 @@ Three parts, each measured side by side in one run and written to eval/results/e
 2. speed:   wall time of the unchanged StableDiffusionPipeline (prompt_embeds route, DDIM 50 steps, CFG 7.5)
             on an SD-shaped UNet (block_out_channels (64, 128, 256, 256), cross_attention_dim 256, 32x32
             latent, random weights): full vs fd50 sequential vs fd50 parallel vs DeepCache, batch 1 and 4.
-3. quality: the trained reference model (fastdiff/models/weights): Frechet distance on the digit
-            classifier's features against the 1,000 held-out digits, and PSNR to the full-UNet images of the
-            same seeds, for fd50 (with / without noise injection) and DeepCache.
+3. premise: on the trained reference model, how much each encoder and decoder part's output changes
+            between adjacent DDIM steps (the paper's observation, measured here).
+4. quality: the trained reference model (fastdiff/models/weights): UNet FLOPs of the call, Frechet distance
+            on the digit classifier's features against the 1,000 held-out digits, and PSNR to the full-UNet
+            images of the same seeds, for fd50 (with / without noise injection), other key-step lists and
+            DeepCache at its headline settings and at deeper branches that match the FLOPs; then each
+            encoder-propagation row beside the DeepCache row of nearest FLOPs.
 
-Run:  nice -n 10 .venv/bin/python eval/bench_encoder_propagation.py [--parts flops,speed,quality] [--n 500]
+Run:  nice -n 10 .venv/bin/python eval/bench_encoder_propagation.py [--parts flops,speed,premise,quality] [--n 500]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.hooks import ModelHook
 
 from fastdiff.hooks import EncoderPropagationConfig, encoder_propagation
 from fastdiff.hooks.encoder_propagation import key_step_indices
@@ -133,11 +138,11 @@ def _mid_pipeline():
 class _DeepCache:
     """DeepCache (horseee/DeepCache, `pip install deepcache`) as a context manager; None if not installed."""
 
-    def __init__(self, pipe, interval: int) -> None:
+    def __init__(self, pipe, interval: int, branch: int = 0) -> None:
         from DeepCache import DeepCacheSDHelper
 
         self.helper = DeepCacheSDHelper(pipe=pipe)
-        self.helper.set_params(cache_interval=interval, cache_branch_id=0)
+        self.helper.set_params(cache_interval=interval, cache_branch_id=branch)
 
     def __enter__(self):
         self.helper.enable()
@@ -220,7 +225,52 @@ def speed_table(batches=(1, 4), repeats: int = 1) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------------------------- 3. quality
+# --------------------------------------------------------------------------------------------- 4. quality
+# Key-step lists tried on the reference model besides the paper's presets (0 = noisiest step of 50). The
+# premise part below shows why early steps are the safe ones to propagate here: conv_in's output changes
+# 0.9% per step over steps 1-24 and 5-7% per step over the last 25.
+EARLY_K2 = list(range(0, 25, 2)) + list(range(25, STEPS))  # every other step in the first half, then all
+EARLY_K4 = list(range(0, 25, 4)) + list(range(25, STEPS))  # every 4th step in the first half, then all
+
+
+def _quality_methods(pipe) -> dict:
+    """Name -> context factory: fastdiff schedules, then DeepCache at its headline and FLOP-matched settings."""
+    import contextlib
+
+    def fd(**kwargs):
+        return lambda: encoder_propagation(pipe, EncoderPropagationConfig(**kwargs))
+
+    methods = {
+        "full UNet": contextlib.nullcontext,
+        "fd50": fd(key_steps="fd50"),
+        "fd50 + noise injection": fd(key_steps="fd50", noise_injection_alpha=0.003, noise_injection_tau=500),
+        "every 2nd step (k=2)": fd(key_steps=2),
+        "early k=4 (0-24 every 4th, then all)": fd(key_steps=EARLY_K4),
+        "early k=2 (0-24 every 2nd, then all)": fd(key_steps=EARLY_K2),
+    }
+    if _deepcache_available():
+        # I=2/3 B=0 are DeepCache's headline settings; deeper branches recompute more and match the FLOPs of
+        # the fastdiff rows (branch b: block b // 3, layer b % 3 of DeepCache's numbering)
+        for interval, branch in ((2, 0), (3, 0), (2, 3), (2, 5), (2, 6)):
+            methods[f"DeepCache I={interval} B={branch}"] = lambda i=interval, b=branch: _DeepCache(pipe, i, b)
+    return methods
+
+
+def _call_flops(pipe, context) -> int:
+    """UNet FLOPs of one 50-step batch-1 call of the reference pipeline (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), context():
+        pipe(
+            class_labels=[0],
+            guidance_scale=1.0,
+            num_inference_steps=STEPS,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        )
+    return counter.get_total_flops()
+
+
 def quality_table(n: int, guidance_scale: float = 1.0) -> list[dict] | None:
     from fastdiff.eval.metrics import compute_stats, frechet_distance
     from fastdiff.models import WEIGHTS_DIR, load_digit_classifier, load_reference_pipeline
@@ -243,13 +293,13 @@ def quality_table(n: int, guidance_scale: float = 1.0) -> list[dict] | None:
     with torch.no_grad():
         ref = compute_stats(clf.features(heldout).numpy())
     labels = [i % 10 for i in range(n)]
-    methods = _methods(pipe, (2, 3))
-    methods["fd50 + noise injection"] = lambda: encoder_propagation(
-        pipe, EncoderPropagationConfig(key_steps="fd50", noise_injection_alpha=0.003, noise_injection_tau=500)
-    )
-    methods.pop("fd50 sequential")  # parallel == sequential to 1e-5 (tests); one of them is enough here
+    # sequential decoding only: parallel equals sequential to 1e-5 (tests), and at batch 100 on a CPU the
+    # batched decoders of a group bring no speed
+    methods = _quality_methods(pipe)
+    full_flops = _call_flops(pipe, methods["full UNet"])
     rows, full_images = [], None
     for name, context in methods.items():
+        flops = _call_flops(pipe, context) / full_flops
         images, start = [], time.perf_counter()
         with torch.no_grad(), context():
             for lo in range(0, n, 100):
@@ -274,6 +324,7 @@ def quality_table(n: int, guidance_scale: float = 1.0) -> list[dict] | None:
         rows.append(
             {
                 "method": name,
+                "flops": flops,
                 "fd": fd,
                 "fd_change": fd / full_fd - 1,
                 "psnr_vs_full": psnr,
@@ -282,7 +333,99 @@ def quality_table(n: int, guidance_scale: float = 1.0) -> list[dict] | None:
             }
         )
         print(
-            f"  {name:24s} FD {fd:7.3f} ({fd / full_fd - 1:+.1%})  PSNR {psnr:6.2f} dB  {full_seconds / seconds:4.2f}x",
+            f"  {name:38s} FLOPs {flops:5.3f}  FD {fd:7.3f} ({fd / full_fd - 1:+.1%})  PSNR {psnr:6.2f} dB  "
+            f"{full_seconds / seconds:4.2f}x",
+            flush=True,
+        )
+    return rows
+
+
+def matched_pairs(rows: list[dict]) -> list[dict]:
+    """Each encoder-propagation row beside the DeepCache row with the nearest UNet FLOPs (pure function)."""
+    deepcache = [r for r in rows if r["method"].startswith("DeepCache")]
+    pairs = []
+    for row in rows:
+        if row["method"] == "full UNet" or row["method"].startswith("DeepCache") or not deepcache:
+            continue
+        other = min(deepcache, key=lambda r: abs(r["flops"] - row["flops"]))
+        pairs.append(
+            {
+                "fastdiff": row["method"],
+                "fastdiff_flops": row["flops"],
+                "fastdiff_psnr": row["psnr_vs_full"],
+                "deepcache": other["method"],
+                "deepcache_flops": other["flops"],
+                "deepcache_psnr": other["psnr_vs_full"],
+            }
+        )
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------- 3. premise
+class _OutputRecorder(ModelHook):
+    """Keeps a copy of its module's output at every call (a removable diffusers hook; observation only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+
+    def post_forward(self, module: torch.nn.Module, output):
+        sample = output[0] if isinstance(output, tuple) else output
+        self.outputs.append(sample.detach().clone())
+        return output
+
+
+def premise_table(n: int = 50) -> list[dict] | None:
+    """Faster Diffusion's premise on the reference model: relative change of each UNet part's output per step."""
+    from diffusers import DDIMScheduler
+    from diffusers.hooks import HookRegistry
+
+    from fastdiff.models import WEIGHTS_DIR, load_reference_pipeline
+
+    if not (Path(WEIGHTS_DIR) / "reference_unet.safetensors").exists():
+        return None
+    pipe = load_reference_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    unet = pipe.unet
+    parts = [("conv_in", unet.conv_in)] + [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    parts += [("mid_block", unet.mid_block)] + [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    recorders = {name: _OutputRecorder() for name, _ in parts}
+    for name, module in parts:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(recorders[name], "fastdiff_bench_rec")
+    try:
+        with torch.no_grad():
+            pipe(
+                class_labels=[i % 10 for i in range(n)],
+                guidance_scale=1.0,
+                num_inference_steps=STEPS,
+                output_type="pt",
+                generator=[torch.Generator().manual_seed(i) for i in range(n)],
+            )
+    finally:
+        for _, module in parts:
+            module._diffusers_hook.remove_hook("fastdiff_bench_rec", recurse=False)
+    rows = []
+    for name, recorder in recorders.items():
+        f = recorder.outputs
+        change = [
+            float(((f[i] - f[i - 1]).flatten(1).norm(dim=1) / f[i - 1].flatten(1).norm(dim=1)).mean())
+            for i in range(1, len(f))
+        ]
+        half = STEPS // 2
+        rows.append(
+            {
+                "part": name,
+                "role": "decoder" if name.startswith("up") else "encoder",
+                "mean_all": sum(change) / len(change),
+                "mean_early": sum(change[: half - 1]) / (half - 1),
+                "mean_late": sum(change[half - 1 :]) / len(change[half - 1 :]),
+                "per_step": change,
+            }
+        )
+        print(
+            f"  {name:14s} {rows[-1]['mean_early']:.3f} (steps 1-{half - 1})  {rows[-1]['mean_late']:.3f} "
+            f"(steps {half}-{STEPS - 1})",
             flush=True,
         )
     return rows
@@ -335,12 +478,47 @@ def _markdown(results: dict) -> str:
             f"guidance {results.get('guidance', 2.0)}, DDIM 50 steps), FD on the digit classifier's features "
             "vs 1,000 held-out digits",
             "",
-            "| method | FD | FD change | PSNR vs full (dB) | speed-up |",
+            "UNet FLOPs: FlopCounterMode over a whole 50-step batch-1 call, relative to the full UNet (the speed-up "
+            "bound is its reciprocal). Wall: the N-image run (batches of 100, sequential decoding) vs the full "
+            "UNet's; noisy on this shared 2-core machine.",
+            "",
+            "| method | UNet FLOPs | FD | FD change | PSNR vs full (dB) | wall speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['method']} | {r.get('flops', float('nan')):.3f} | {r['fd']:.3f} | {r['fd_change']:+.1%} | "
+            f"{r['psnr_vs_full']:.2f} | {r['speedup']:.2f}x |"
+            for r in results["quality"]
+        ]
+        pairs = matched_pairs(results["quality"]) if all("flops" in r for r in results["quality"]) else []
+        if pairs:
+            lines += [
+                "",
+                "### At matched UNet FLOPs: which is closer to the full-UNet images",
+                "",
+                "| encoder propagation | FLOPs | PSNR | nearest DeepCache | FLOPs | PSNR | closer |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {p['fastdiff']} | {p['fastdiff_flops']:.3f} | {p['fastdiff_psnr']:.2f} | {p['deepcache']} | "
+                f"{p['deepcache_flops']:.3f} | {p['deepcache_psnr']:.2f} | "
+                f"{'fastdiff' if p['fastdiff_psnr'] > p['deepcache_psnr'] else 'DeepCache'} |"
+                for p in pairs
+            ]
+        lines.append("")
+    if results.get("premise"):
+        lines += [
+            "## Premise: relative change of each UNet part's output between adjacent steps (reference model)",
+            "",
+            "||f_i - f_(i-1)|| / ||f_(i-1)||, mean over 50 images (DDIM-50, guidance 1) and over the steps. Faster "
+            "Diffusion's premise is that the encoder's outputs change little while the decoder's change a lot.",
+            "",
+            f"| part | role | steps 1-{STEPS // 2 - 1} | steps {STEPS // 2}-{STEPS - 1} | all |",
             "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['method']} | {r['fd']:.3f} | {r['fd_change']:+.1%} | {r['psnr_vs_full']:.2f} | {r['speedup']:.2f}x |"
-            for r in results["quality"]
+            f"| {r['part']} | {r['role']} | {r['mean_early']:.3f} | {r['mean_late']:.3f} | {r['mean_all']:.3f} |"
+            for r in results["premise"]
         ]
         lines.append("")
     elif "quality" in results:
@@ -350,7 +528,7 @@ def _markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="flops,speed,quality")
+    parser.add_argument("--parts", default="flops,speed,premise,quality")
     parser.add_argument("--n", type=int, default=500, help="images per method for the quality part")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batches", default="1,4", help="batch sizes for the speed part")
@@ -368,6 +546,10 @@ def main() -> None:
     if "flops" in parts:
         print("FLOPs:", flush=True)
         results["flops"] = flops_table()
+        save()
+    if "premise" in parts:
+        print("premise:", flush=True)
+        results["premise"] = premise_table()
         save()
     if "quality" in parts:
         print("quality:", flush=True)
