@@ -1,6 +1,6 @@
 """Benchmark: Faster Diffusion (arXiv 2312.09608) encoder propagation — FLOPs, CPU wall time and quality.
 
-Four parts, each measured side by side in one run and written to eval/results/encoder_propagation/:
+Five parts, each measured side by side in one run and written to eval/results/encoder_propagation/:
 
 1. flops:   UNet FLOPs counted with torch.utils.flop_counter.FlopCounterMode on meta tensors (classic
             attention processor so attention matmuls are counted) for the SD1.5 UNet (512x512, latent 64x64)
@@ -16,8 +16,9 @@ Four parts, each measured side by side in one run and written to eval/results/en
             images of the same seeds, for fd50 (with / without noise injection), other key-step lists and
             DeepCache at its headline settings and at deeper branches that match the FLOPs; then each
             encoder-propagation row beside the DeepCache row of nearest FLOPs.
+5. latency: the same methods' wall time on the reference model at batch 1 and 8, with parallel decoding.
 
-Run:  nice -n 10 .venv/bin/python eval/bench_encoder_propagation.py [--parts flops,speed,premise,quality] [--n 500]
+Run:  nice -n 10 .venv/bin/python eval/bench_encoder_propagation.py [--parts flops,speed,premise,quality,latency]
 """
 
 from __future__ import annotations
@@ -233,12 +234,12 @@ EARLY_K2 = list(range(0, 25, 2)) + list(range(25, STEPS))  # every other step in
 EARLY_K4 = list(range(0, 25, 4)) + list(range(25, STEPS))  # every 4th step in the first half, then all
 
 
-def _quality_methods(pipe) -> dict:
+def _quality_methods(pipe, parallel: bool = False) -> dict:
     """Name -> context factory: fastdiff schedules, then DeepCache at its headline and FLOP-matched settings."""
     import contextlib
 
     def fd(**kwargs):
-        return lambda: encoder_propagation(pipe, EncoderPropagationConfig(**kwargs))
+        return lambda: encoder_propagation(pipe, EncoderPropagationConfig(parallel=parallel, **kwargs))
 
     methods = {
         "full UNet": contextlib.nullcontext,
@@ -359,6 +360,53 @@ def matched_pairs(rows: list[dict]) -> list[dict]:
             }
         )
     return pairs
+
+
+def latency_table(batches=(1, 8), repeats: int = 3) -> list[dict] | None:
+    """Wall time of one DDIM-50 call on the reference model at small batch: parallel decoding vs DeepCache.
+
+    At batch 1 this tiny UNet is bound by per-call overhead, as a large GPU is at small batch: the regime in
+    which the paper's parallel decoding gains more than the FLOPs. Round-robin over the methods, best of
+    `repeats`.
+    """
+    from diffusers import DDIMScheduler
+
+    from fastdiff.models import WEIGHTS_DIR, load_reference_pipeline
+
+    if not (Path(WEIGHTS_DIR) / "reference_unet.safetensors").exists():
+        return None
+    pipe = load_reference_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    methods = _quality_methods(pipe, parallel=True)
+    methods.pop("fd50 + noise injection")  # same cost as fd50
+    rows = []
+    for batch in batches:
+
+        def run(batch=batch) -> None:
+            pipe(
+                class_labels=[i % 10 for i in range(batch)],
+                guidance_scale=1.0,
+                num_inference_steps=STEPS,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+            )
+
+        wall: dict[str, list[float]] = {name: [] for name in methods}
+        for _ in range(repeats):
+            for name, context in methods.items():
+                with torch.no_grad(), context():
+                    run()  # warm-up
+                    start = time.perf_counter()
+                    run()
+                    wall[name].append(time.perf_counter() - start)
+        base = min(wall["full UNet"])
+        for name in methods:
+            label = name if name.startswith(("full", "DeepCache")) else f"{name}, parallel"
+            seconds = min(wall[name])
+            rows.append({"batch": batch, "method": label, "seconds": seconds, "speedup": base / seconds})
+            print(f"  batch {batch}  {label:48s} {seconds:6.3f} s  {base / seconds:4.2f}x", flush=True)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------- 3. premise
@@ -506,6 +554,17 @@ def _markdown(results: dict) -> str:
                 for p in pairs
             ]
         lines.append("")
+    if results.get("latency"):
+        lines += [
+            "## Wall time on the reference model at small batch (DDIM-50, parallel decoding, best of 3)",
+            "",
+            "| batch | method | wall s | speed-up |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['batch']} | {r['method']} | {r['seconds']:.3f} | {r['speedup']:.2f}x |" for r in results["latency"]
+        ]
+        lines.append("")
     if results.get("premise"):
         lines += [
             "## Premise: relative change of each UNet part's output between adjacent steps (reference model)",
@@ -528,7 +587,7 @@ def _markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="flops,speed,premise,quality")
+    parser.add_argument("--parts", default="flops,speed,premise,quality,latency")
     parser.add_argument("--n", type=int, default=500, help="images per method for the quality part")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batches", default="1,4", help="batch sizes for the speed part")
@@ -554,6 +613,10 @@ def main() -> None:
     if "quality" in parts:
         print("quality:", flush=True)
         results["quality"], results["n"], results["guidance"] = quality_table(args.n), args.n, 1.0
+        save()
+    if "latency" in parts:
+        print("latency:", flush=True)
+        results["latency"] = latency_table()
         save()
     if "speed" in parts:
         print("speed:", flush=True)
