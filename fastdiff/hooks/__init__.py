@@ -1,5 +1,12 @@
 """fastdiff.hooks: accelerators attached to diffusers models through `diffusers.hooks.HookRegistry`."""
 
+from fastdiff.hooks.block_skip import (
+    BlockSkipConfig,
+    apply_block_skip,
+    block_skip,
+    remove_block_skip,
+    skippable_layers,
+)
 from fastdiff.hooks.encoder_propagation import (
     EncoderPropagationConfig,
     apply_encoder_propagation,
@@ -8,8 +15,13 @@ from fastdiff.hooks.encoder_propagation import (
 )
 
 __all__ = [
+    "BlockSkipConfig",
     "EncoderPropagationConfig",
+    "apply_block_skip",
     "apply_encoder_propagation",
+    "block_skip",
     "encoder_propagation",
+    "remove_block_skip",
     "remove_encoder_propagation",
+    "skippable_layers",
 ]

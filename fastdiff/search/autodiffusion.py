@@ -1,10 +1,15 @@
 """AutoDiffusion (Li et al. 2023, arXiv 2309.10438): `search_timesteps`, the two-stage search, and `fastdiff search`.
 
-Stage 1 searches which K timesteps to use with the full network. Stage 2 (optional, `num_key_steps`) searches
-jointly the timesteps and which steps are encoder-propagation key steps (Faster Diffusion, Li et al. 2023,
-arXiv 2312.09608), at a fixed number of key steps, i.e. a fixed UNet cost: every candidate of stage 2 costs
-the same. Its result applies as `fastdiff.hooks.EncoderPropagationConfig(key_steps=result.key_steps)`.
-The paper's stage 2 skips UNet blocks instead; that variant is not implemented here.
+Stage 1 searches which K timesteps to use with the full network. Stage 2 (optional) searches the timesteps
+jointly with what to skip, at a fixed compute budget, so that every stage-2 candidate costs the same:
+
+- `num_skips` (the paper's stage 2): which UNet layers (residual and attention blocks, see
+  `fastdiff.hooks.skippable_layers`) to skip at which steps, exactly `num_skips` (step, layer) pairs and at
+  most `max_skip_fraction` of the layers at any step (paper: `max_prun` = 0.1). The result applies as
+  `fastdiff.hooks.apply_block_skip(pipe, result.block_skip_config())`.
+- `num_key_steps` (new here): which steps are encoder-propagation key steps (Faster Diffusion, Li et al. 2023,
+  arXiv 2312.09608), at a fixed number of key steps. The result applies as
+  `fastdiff.hooks.EncoderPropagationConfig(key_steps=result.key_steps)`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from typing import Any, Literal
 
 import torch
 
-from fastdiff.search.evolutionary import Candidate, EvolutionState, SearchSpace, evolve, make_candidate
+from fastdiff.search.evolutionary import (
+    Candidate,
+    EvolutionState,
+    SearchSpace,
+    evolve,
+    make_candidate,
+    random_candidate,
+)
 from fastdiff.search.objectives import (
     ExactObjective,
     FitnessCache,
@@ -59,6 +71,8 @@ class SearchConfig:
         extractor: name of the feature extractor the stats were computed with.
         num_key_steps: enables stage 2 with this many encoder key steps out of K.
         key_step_presets: starting key-step sets for stage 2 (e.g. a Faster Diffusion preset).
+        num_skips: enables the paper's stage 2 with this many skipped (step, layer) pairs (not with num_key_steps).
+        max_skip_fraction: the most layers skipped at one step, as a fraction of the UNet's skippable layers.
         stage2_evaluations: stage-2 budget in evaluations.
     """
 
@@ -82,13 +96,22 @@ class SearchConfig:
     extractor: str = "lenet"
     num_key_steps: int | None = None
     key_step_presets: list[list[int]] = field(default_factory=list)
+    num_skips: int | None = None
+    max_skip_fraction: float = 0.1
     stage2_evaluations: int = 40
 
     def __post_init__(self) -> None:
         if self.max_evaluations < 1:
             raise ValueError(f"max_evaluations must be >= 1 (the search budget), got {self.max_evaluations}.")
-        if self.num_key_steps is not None and self.stage2_evaluations < 1:
-            raise ValueError("stage2_evaluations must be >= 1 when num_key_steps is set (or leave num_key_steps=None).")
+        if (self.num_key_steps is not None or self.num_skips is not None) and self.stage2_evaluations < 1:
+            raise ValueError("stage2_evaluations must be >= 1 when num_key_steps or num_skips is set.")
+        if self.num_key_steps is not None and self.num_skips is not None:
+            raise ValueError("stage 2 searches either encoder key steps (num_key_steps) or layer skips (num_skips), "
+                             "not both: set one of them.")
+        if self.num_skips is not None and self.num_skips < 1:
+            raise ValueError(f"num_skips must be >= 1 (or None for no layer skipping), got {self.num_skips}.")
+        if not 0.0 < self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in (0, 1], got {self.max_skip_fraction}.")
         if self.population_size < 2:
             raise ValueError(f"population_size must be >= 2, got {self.population_size}.")
         if not 1 <= self.num_parents <= self.population_size:
@@ -117,9 +140,9 @@ class SearchResult:
     """The best schedule found and how the search got there.
 
     `timesteps` go straight to `pipe(timesteps=...)`; `key_steps` (stage 2 only) to
-    `EncoderPropagationConfig(key_steps=...)`. `history` is the best fitness after each generation,
-    `evaluations` the objective evaluations this run made (resumed ones excluded), `candidates` every
-    evaluated candidate with its fitness.
+    `EncoderPropagationConfig(key_steps=...)`; `skips` (stage 2 only) to `BlockSkipConfig(skips=...)`.
+    `history` is the best fitness after each generation, `evaluations` the objective evaluations this run
+    made (resumed ones excluded), `candidates` every evaluated candidate with its fitness.
     """
 
     timesteps: list[int]
@@ -132,6 +155,15 @@ class SearchResult:
     key_steps: list[int] | None = None
     stage1_timesteps: list[int] | None = None
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    skips: list[list[int]] | None = None
+
+    def block_skip_config(self):
+        """`BlockSkipConfig(skips=self.skips)` (results of a search with `num_skips` only)."""
+        if not self.skips:
+            raise ValueError("this result has no layer skips: run the search with SearchConfig(num_skips=...).")
+        from fastdiff.hooks import BlockSkipConfig
+
+        return BlockSkipConfig(skips=[tuple(pair) for pair in self.skips])
 
     def encoder_propagation_config(self, **kwargs: Any):
         """`EncoderPropagationConfig(key_steps=self.key_steps, **kwargs)` (stage-2 results only)."""
@@ -219,6 +251,19 @@ def default_key_step_presets(num_steps: int, num_key_steps: int) -> list[list[in
     return [early] + ([spaced] if spaced != early and len(spaced) == num_key_steps else [])
 
 
+def _skip_space(pipe, model, num_steps: int, max_t: int, config: SearchConfig) -> SearchSpace:
+    """The stage-2 space of layer skips for the pipeline's UNet."""
+    from fastdiff.hooks import skippable_layers
+
+    unet = getattr(pipe, "unet", None)
+    if model is not None or unet is None:
+        raise ValueError("num_skips needs a pipeline with a UNet2DConditionModel (.unet); the Gaussian mixture has "
+                         "no layers to skip.")
+    num_layers = len(skippable_layers(unet))
+    return SearchSpace(num_steps, max_t, config.min_timestep, fix_first=config.fix_first, num_skips=config.num_skips,
+                       num_layers=num_layers, max_skips_per_step=max(1, int(config.max_skip_fraction * num_layers)))
+
+
 def _write_checkpoint(path: Path, header: dict[str, Any], cache: FitnessCache) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({**header, "evaluated": cache.records()}))
@@ -279,6 +324,8 @@ def search_timesteps(
     if config.num_key_steps is not None:
         space2 = SearchSpace(num_steps, max_t, config.min_timestep, num_key_steps=config.num_key_steps,
                              fix_first=config.fix_first)
+    elif config.num_skips is not None:
+        space2 = _skip_space(pipe, model, num_steps, max_t, config)
     if isinstance(objective, str) and name in ("fd", "kid"):
         fn = _reference_objective(pipe, name, config)
 
@@ -309,22 +356,26 @@ def search_timesteps(
                    max_generations=config.max_generations, **common)
     best1 = min((c for c in state.fitness if not c.key_steps), key=lambda c: (state.fitness[c], c))
     best = best1
-    if space2 is not None:
+    if space2 is not None and space2.num_key_steps is not None:
         presets = config.key_step_presets or default_key_step_presets(num_steps, space2.num_key_steps)
         seeds = [make_candidate(best1.timesteps, keys) for keys in presets]
         bad = [list(s.key_steps) for s in seeds if not space2.contains(s)]
         if bad:
             raise ValueError(f"key_step_presets {bad} must each hold {space2.num_key_steps} distinct step indices in "
                              f"[0, {num_steps - 1}] including 0.")
+    elif space2 is not None:  # the paper's stage 2 starts from the stage-1 schedule with random skips
+        seeds = [make_candidate(best1.timesteps, (), random_candidate(space2, generator).skips) for _ in range(2)]
+    if space2 is not None:
         state = evolve(evaluate, space2, seeds, max_evaluations=config.stage2_evaluations, max_generations=None,
                        state=state, **common)
-        best = min((c for c in state.fitness if c.key_steps), key=lambda c: (state.fitness[c], c))
+        best = min((c for c in state.fitness if space2.contains(c)), key=lambda c: (state.fitness[c], c))
     return SearchResult(
         timesteps=list(best.timesteps), fitness=state.fitness[best], history=state.history,
         evaluations=cache.evaluations, wall_time_s=time.perf_counter() - start, config=config.to_dict(),
         objective=name, key_steps=list(best.key_steps) if best.key_steps else None,
         stage1_timesteps=list(best1.timesteps),
         candidates=[{**c.to_dict(), "fitness": f} for c, f in state.fitness.items()],
+        skips=[list(pair) for pair in best.skips] if best.skips else None,
     )
 
 
@@ -344,6 +395,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--reference-stats", default=None, help=".npz stats (default: 4000 training digits, lenet)")
     parser.add_argument("--key-steps", type=int, default=None, help="stage 2: search this many key steps jointly")
+    parser.add_argument("--skips", type=int, default=None,
+                        help="stage 2 (the paper's): search this many skipped (step, layer) pairs jointly")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.1,
+                        help="the most UNet layers skipped at one step, as a fraction (paper: 0.1)")
     parser.add_argument("--stage2-evaluations", type=int, default=40)
     parser.add_argument("--device", default="cpu")
 
@@ -365,6 +420,7 @@ def run_search(args: argparse.Namespace) -> int:
                           max_evaluations=args.evaluations, num_samples=args.num_samples,
                           pipe_kwargs={} if args.objective == "exact" else {"guidance_scale": args.guidance_scale},
                           reference_stats=args.reference_stats, num_key_steps=args.key_steps,
+                          num_skips=args.skips, max_skip_fraction=args.max_skip_fraction,
                           stage2_evaluations=args.stage2_evaluations)
     if args.objective == "exact":
         pipe = _demo_mixture()
@@ -377,7 +433,8 @@ def run_search(args: argparse.Namespace) -> int:
         # DPM-Solver++ 2M from the model's config, as in eval/sweeps/reference.toml
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, solver_order=2)
         pipe.set_progress_bar_config(disable=True)
-    total = config.max_evaluations + (config.stage2_evaluations if config.num_key_steps else 0)
+    stage2 = config.num_key_steps is not None or config.num_skips is not None
+    total = config.max_evaluations + (config.stage2_evaluations if stage2 else 0)
     bar = tqdm(total=total, desc=f"search K={args.steps}", dynamic_ncols=True)
 
     def progress(c: Candidate, value: float, state: EvolutionState) -> None:
@@ -389,6 +446,7 @@ def run_search(args: argparse.Namespace) -> int:
     bar.close()
     path = result.save(args.out)
     keys = f" key_steps={result.key_steps}" if result.key_steps else ""
+    keys += f" skips={result.skips}" if result.skips else ""
     print(f"timesteps={result.timesteps}{keys} {result.objective}={result.fitness:.4f} "
           f"evaluations={result.evaluations} wall={result.wall_time_s:.0f}s -> {path}")
     return 0

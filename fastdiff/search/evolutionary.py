@@ -2,7 +2,8 @@
 
 A candidate is a step schedule: K distinct integer timesteps, stored sorted in descending order (so that
 permutations of one set are one candidate, unlike the paper's ADM code), plus, in the joint search, the step
-indices that are encoder-propagation key steps. Every random choice draws from an injected
+indices that are encoder-propagation key steps, or the (step, layer) pairs whose UNet layer is skipped (the
+paper's stage 2). Every random choice draws from an injected
 `torch.Generator`, so a search is a deterministic function of its seed and its fitness values.
 
 One generation (paper's `EvolutionSearcher`, shipped defaults P = 50, top 10, m_prob = 0.25):
@@ -17,7 +18,7 @@ One generation (paper's `EvolutionSearcher`, shipped defaults P = 50, top 10, m_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,17 +28,22 @@ MAX_DRAWS = 50  # attempts to draw one new, unseen child before giving up on tha
 
 @dataclass(frozen=True, order=True)
 class Candidate:
-    """A step schedule: `timesteps` strictly descending; `key_steps` ascending step indices (() = no propagation)."""
+    """A step schedule: `timesteps` strictly descending; `key_steps` ascending step indices (() = no propagation);
+    `skips` ascending (step index, layer id) pairs of skipped UNet layers (() = the full network)."""
 
     timesteps: tuple[int, ...]
     key_steps: tuple[int, ...] = ()
+    skips: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict:
-        return {"timesteps": list(self.timesteps), "key_steps": list(self.key_steps)}
+        record = {"timesteps": list(self.timesteps), "key_steps": list(self.key_steps)}
+        if self.skips:
+            record["skips"] = [list(pair) for pair in self.skips]
+        return record
 
     @classmethod
     def from_dict(cls, record: Mapping) -> Candidate:
-        return cls(tuple(int(t) for t in record["timesteps"]), tuple(int(k) for k in record.get("key_steps", ())))
+        return make_candidate(record["timesteps"], record.get("key_steps", ()), record.get("skips", ()))
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,11 @@ class SearchSpace:
 
     With `num_key_steps` set, a candidate also chooses which of its steps are key steps (step 0 always is,
     since the first step must compute the encoder features that later steps reuse).
+
+    With `num_skips` set (the paper's stage 2), a candidate also chooses exactly `num_skips` (step, layer)
+    pairs of a UNet with `num_layers` skippable layers, at most `max_skips_per_step` at any one step (the
+    paper's per-step bound `max_prun` = 10% of the layers). A fixed count is the paper's budget of kept
+    layers over all steps, held with equality so that every candidate costs the same.
     """
 
     num_steps: int
@@ -56,6 +67,9 @@ class SearchSpace:
     min_timestep: int = 0
     num_key_steps: int | None = None
     fix_first: bool = False
+    num_skips: int | None = None
+    num_layers: int = 0
+    max_skips_per_step: int = 1
 
     def __post_init__(self) -> None:
         size = self.max_timestep - self.min_timestep + 1
@@ -66,16 +80,37 @@ class SearchSpace:
                              f"got {self.num_steps}.")
         if self.num_key_steps is not None and not 1 <= self.num_key_steps <= self.num_steps:
             raise ValueError(f"num_key_steps must be in [1, num_steps={self.num_steps}], got {self.num_key_steps}.")
+        if self.num_skips is not None:
+            capacity = self.num_steps * min(self.num_layers, self.max_skips_per_step)
+            if not 1 <= self.num_skips <= capacity:
+                raise ValueError(f"num_skips must be in [1, {capacity}] ({self.num_steps} steps x at most "
+                                 f"{min(self.num_layers, self.max_skips_per_step)} of {self.num_layers} layers "
+                                 f"per step), got {self.num_skips}.")
 
     def contains(self, c: Candidate) -> bool:
         ts, ks = c.timesteps, c.key_steps
         ok = (len(ts) == self.num_steps and all(a > b for a, b in zip(ts, ts[1:]))
               and self.min_timestep <= ts[-1] and ts[0] <= self.max_timestep
-              and (not self.fix_first or ts[0] == self.max_timestep))
+              and (not self.fix_first or ts[0] == self.max_timestep) and self._skips_ok(c.skips))
         if self.num_key_steps is None:
             return ok and ks == ()
         return (ok and len(ks) == self.num_key_steps and ks[:1] == (0,) and all(a < b for a, b in zip(ks, ks[1:]))
                 and ks[-1] < self.num_steps)
+
+    def _skips_ok(self, skips: tuple[tuple[int, int], ...]) -> bool:
+        if self.num_skips is None:
+            return skips == ()
+        per_step: dict[int, int] = {}
+        for step, layer in skips:
+            if not (0 <= step < self.num_steps and 0 <= layer < self.num_layers):
+                return False
+            per_step[step] = per_step.get(step, 0) + 1
+        return (len(skips) == self.num_skips and all(a < b for a, b in zip(skips, skips[1:]))
+                and max(per_step.values()) <= self.max_skips_per_step)
+
+    def skip_pairs(self) -> list[tuple[int, int]]:
+        """Every (step, layer) pair of the space, in order."""
+        return [(s, layer) for s in range(self.num_steps) for layer in range(self.num_layers)]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -89,9 +124,24 @@ def _choose(values: list[int], k: int, generator: torch.Generator) -> list[int]:
     return [values[int(i)] for i in idx]
 
 
-def make_candidate(timesteps: Iterable[int], key_steps: Iterable[int] = ()) -> Candidate:
-    """Canonical form: timesteps sorted descending, key steps sorted ascending (dedup of permutations)."""
-    return Candidate(tuple(sorted((int(t) for t in timesteps), reverse=True)), tuple(sorted(int(k) for k in key_steps)))
+def make_candidate(timesteps: Iterable[int], key_steps: Iterable[int] = (),
+                   skips: Iterable[Sequence[int]] = ()) -> Candidate:
+    """Canonical form: timesteps sorted descending, key steps and skip pairs ascending (dedup of permutations)."""
+    return Candidate(tuple(sorted((int(t) for t in timesteps), reverse=True)), tuple(sorted(int(k) for k in key_steps)),
+                     tuple(sorted((int(s), int(layer)) for s, layer in skips)))
+
+
+def _random_skips(space: SearchSpace, generator: torch.Generator) -> list[tuple[int, int]]:
+    """`num_skips` distinct (step, layer) pairs in random order, at most `max_skips_per_step` per step."""
+    pairs, per_step, chosen = space.skip_pairs(), {}, []
+    for i in torch.randperm(len(pairs), generator=generator).tolist():
+        step, layer = pairs[i]
+        if per_step.get(step, 0) < space.max_skips_per_step:
+            per_step[step] = per_step.get(step, 0) + 1
+            chosen.append((step, layer))
+            if len(chosen) == space.num_skips:
+                break
+    return chosen
 
 
 def random_candidate(space: SearchSpace, generator: torch.Generator, timesteps: Iterable[int] | None = None
@@ -104,20 +154,24 @@ def random_candidate(space: SearchSpace, generator: torch.Generator, timesteps: 
     keys: list[int] = []
     if space.num_key_steps is not None:
         keys = [0, *_choose(list(range(1, space.num_steps)), space.num_key_steps - 1, generator)]
-    return make_candidate(timesteps, keys)
+    return make_candidate(timesteps, keys, _random_skips(space, generator) if space.num_skips else ())
 
 
 def mutate(c: Candidate, space: SearchSpace, prob: float, generator: torch.Generator) -> Candidate:
     """Replace each gene with probability `prob` by a value the candidate does not use; at least one gene changes.
 
     Timestep genes take an unused timestep of the space; key-step genes (all but step 0) move to an unused
-    non-key step index.
+    non-key step index; skip genes move to an unused (step, layer) pair (the caller's `space.contains`
+    rejects a child that breaks the per-step bound).
     """
-    ts, ks = list(c.timesteps), list(c.key_steps)
-    free_t = sorted(set(range(space.min_timestep, space.max_timestep + 1)) - set(ts))
-    free_k = sorted(set(range(1, space.num_steps)) - set(ks))
-    genes = [("t", i) for i in range(int(space.fix_first), len(ts))] if free_t else []
-    genes += [("k", i) for i in range(1, len(ks))] if free_k else []
+    ts, ks, sk = list(c.timesteps), list(c.key_steps), list(c.skips)
+    free = {"t": sorted(set(range(space.min_timestep, space.max_timestep + 1)) - set(ts)),
+            "k": sorted(set(range(1, space.num_steps)) - set(ks)),
+            "s": sorted(set(space.skip_pairs()) - set(sk)) if sk else []}
+    targets = {"t": ts, "k": ks, "s": sk}
+    genes = [("t", i) for i in range(int(space.fix_first), len(ts))] if free["t"] else []
+    genes += [("k", i) for i in range(1, len(ks))] if free["k"] else []
+    genes += [("s", i) for i in range(len(sk))] if free["s"] else []
     if not genes:
         return c
     hits = (torch.rand(len(genes), generator=generator) < prob).tolist()
@@ -126,26 +180,26 @@ def mutate(c: Candidate, space: SearchSpace, prob: float, generator: torch.Gener
     for (kind, i), hit in zip(genes, hits):
         if not hit:
             continue
-        free = free_t if kind == "t" else free_k
-        new = free.pop(_randint(len(free), generator))
-        target = ts if kind == "t" else ks
-        free.append(target[i])
-        target[i] = new
-    return make_candidate(ts, ks)
+        pool = free[kind]
+        new = pool.pop(_randint(len(pool), generator))
+        pool.append(targets[kind][i])
+        targets[kind][i] = new
+    return make_candidate(ts, ks, sk)
 
 
 def crossover(a: Candidate, b: Candidate, generator: torch.Generator) -> Candidate | None:
     """Uniform crossover: gene i of the child comes from parent a or b (sorted lists, position-wise).
 
-    Returns None when the child would repeat a timestep or a key step (the caller draws again).
+    Returns None when the child would repeat a timestep, a key step or a skip pair (the caller draws again).
     """
-    pick = torch.rand(len(a.timesteps) + len(a.key_steps), generator=generator) < 0.5
-    n = len(a.timesteps)
-    ts = [x if p else y for x, y, p in zip(a.timesteps, b.timesteps, pick[:n].tolist())]
-    ks = [x if p else y for x, y, p in zip(a.key_steps, b.key_steps, pick[n:].tolist())]
-    if len(set(ts)) < len(ts) or len(set(ks)) < len(ks):
+    n, m = len(a.timesteps), len(a.key_steps)
+    pick = (torch.rand(n + m + len(a.skips), generator=generator) < 0.5).tolist()
+    ts = [x if p else y for x, y, p in zip(a.timesteps, b.timesteps, pick[:n])]
+    ks = [x if p else y for x, y, p in zip(a.key_steps, b.key_steps, pick[n:n + m])]
+    sk = [x if p else y for x, y, p in zip(a.skips, b.skips, pick[n + m:])]
+    if len(set(ts)) < len(ts) or len(set(ks)) < len(ks) or len(set(sk)) < len(sk):
         return None
-    return make_candidate(ts, ks)
+    return make_candidate(ts, ks, sk)
 
 
 def select_parents(fitness: Mapping[Candidate, float], num_parents: int) -> list[Candidate]:
@@ -170,13 +224,13 @@ def initial_population(space: SearchSpace, seeds: Iterable[Candidate], size: int
         if len(population) >= len(base) + num_mutants:
             break
         child = mutate(base[_randint(len(base), generator)], space, mutation_prob, generator)
-        if child not in population:
+        if child not in population and space.contains(child):
             population.append(child)
     for _ in range(size * MAX_DRAWS):
         if len(population) >= size:
             break
         child = random_candidate(space, generator)
-        if child not in population:
+        if child not in population and space.contains(child):
             population.append(child)
     return population[:size]
 

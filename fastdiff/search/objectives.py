@@ -247,9 +247,8 @@ class PipelineObjective:
     def generate(self, candidate: Candidate | Sequence[int]) -> torch.Tensor:
         """Images (N, C, H, W) in [0, 1] of the candidate, one generator per image (seed + index)."""
         c = _as_candidate(candidate)
-        context = _propagation(self.pipe, c.key_steps)
         out = []
-        with context:
+        with _propagation(self.pipe, c.key_steps), _skipping(self.pipe, c.skips):
             for start in range(0, self.num_samples, self.batch_size):
                 idx = range(start, min(start + self.batch_size, self.num_samples))
                 gens = [torch.Generator(self.pipe.device).manual_seed(self.seed + i) for i in idx]
@@ -284,3 +283,14 @@ def _propagation(pipe, key_steps: Sequence[int]):
     from fastdiff.hooks import EncoderPropagationConfig, encoder_propagation
 
     return encoder_propagation(pipe, EncoderPropagationConfig(key_steps=list(key_steps)))
+
+
+def _skipping(pipe, skips: Sequence[tuple[int, int]]):
+    """AutoDiffusion layer skips for the call (a no-op context when there are none)."""
+    import contextlib
+
+    if not skips:
+        return contextlib.nullcontext()
+    from fastdiff.hooks import BlockSkipConfig, block_skip
+
+    return block_skip(pipe, BlockSkipConfig(skips=list(skips)))

@@ -1,0 +1,237 @@
+"""AutoDiffusion (Li et al. 2023, arXiv 2309.10438) stage 2: skip chosen UNet layers at chosen denoising steps.
+
+The paper's dynamic UNet gives every residual block and attention block a layer id; a skipped residual block
+returns its shortcut (identity, or the 1x1 convolution when the channels change) and a skipped attention
+block returns its input. Here the layers are diffusers' `ResnetBlock2D` and `Transformer2DModel` modules of
+a `UNet2DConditionModel`'s down, mid and up blocks, numbered in forward order (`skippable_layers`):
+
+- a skipped `ResnetBlock2D` returns ``conv_shortcut(resample(x)) / output_scale_factor`` (its residual branch,
+  norm-conv-norm-conv, is dropped; the up/down-sampling of the shortcut path is kept);
+- a skipped `Transformer2DModel` returns its input hidden states.
+
+Attached through `diffusers.hooks.HookRegistry`: a stateful hook on the UNet counts the UNet calls of one
+pipeline call (one call per step, as in encoder propagation), and a hook on each listed layer returns the
+shortcut at the steps that skip it. Nothing assigns `forward`; removal restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+HOOK_NAME = "fastdiff_block_skip"
+
+
+def skippable_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """AutoDiffusion layer ids: (name, module) of every ResnetBlock2D / Transformer2DModel in forward order.
+
+    Down blocks, then the mid block, then the up blocks; inside a block its resnets and attentions
+    interleave as the block runs them (resnet i, then attention i).
+    """
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(f"block skipping handles diffusers' UNet2DConditionModel, got {type(unet).__name__}.")
+    layers: list[tuple[str, torch.nn.Module]] = []
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    blocks += [("mid_block", unet.mid_block)] if unet.mid_block is not None else []
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    for prefix, block in blocks:
+        resnets = list(getattr(block, "resnets", []))
+        attentions = list(getattr(block, "attentions", None) or [])  # UNetMidBlock2D may hold None entries
+        if prefix == "mid_block":  # the mid block runs resnet 0, then (attention i, resnet i + 1)
+            order = [("resnets.0", resnets[0])]
+            for i, attention in enumerate(attentions):
+                order += [(f"attentions.{i}", attention), (f"resnets.{i + 1}", resnets[i + 1])]
+        else:
+            order = []
+            for i, resnet in enumerate(resnets):
+                order.append((f"resnets.{i}", resnet))
+                if i < len(attentions):
+                    order.append((f"attentions.{i}", attentions[i]))
+        layers += [(f"{prefix}.{name}", module) for name, module in order if module is not None]
+    return layers
+
+
+@dataclass
+class BlockSkipConfig:
+    """AutoDiffusion (arXiv 2309.10438) per-step layer skips.
+
+    Args:
+        skips: the (step index, layer id) pairs to skip, 0 = noisiest step, layer ids from `skippable_layers`;
+            a mapping {step: [layer ids]} is accepted too.
+    """
+
+    skips: Sequence[tuple[int, int]] | Mapping[int, Sequence[int]]
+
+    def __post_init__(self) -> None:
+        pairs: Iterable = self.skips
+        if isinstance(self.skips, Mapping):
+            pairs = [(step, layer) for step, layers in self.skips.items() for layer in layers]
+        try:
+            normal = sorted({(int(s), int(layer)) for s, layer in pairs})
+        except (TypeError, ValueError):
+            raise ValueError("skips must be (step, layer) pairs of ints or a mapping {step: [layer ids]}.") from None
+        if any(s < 0 or layer < 0 for s, layer in normal):
+            raise ValueError(f"skips {normal} hold a negative step or layer id: both count from 0.")
+        self.skips = tuple(normal)
+
+    def by_step(self) -> dict[int, frozenset[int]]:
+        out: dict[int, set[int]] = {}
+        for step, layer in self.skips:
+            out.setdefault(step, set()).add(layer)
+        return {step: frozenset(layers) for step, layers in out.items()}
+
+
+class _SkipState:
+    """The step counter shared by the UNet hook and the layer hooks."""
+
+    def __init__(self, config: BlockSkipConfig, scheduler, num_layers: int) -> None:
+        self.by_step = config.by_step()
+        self.scheduler = scheduler
+        self.num_layers = num_layers
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = -1  # outside a UNet call
+        self.counted = 0
+        self.timesteps = None
+        self.num_steps = 0
+
+    def begin(self) -> None:
+        timesteps = self.scheduler.timesteps
+        if timesteps is None:
+            raise ValueError("the scheduler has no timesteps: call scheduler.set_timesteps(...) before the UNet.")
+        if timesteps is not self.timesteps:  # a new pipeline call (set_timesteps ran)
+            self.timesteps, self.num_steps, self.counted = timesteps, len(timesteps), 0
+            late = [s for s in self.by_step if s >= self.num_steps]
+            if late:
+                raise ValueError(f"skip steps {sorted(late)} are out of range for {self.num_steps} steps "
+                                 f"(indices 0-{self.num_steps - 1}).")
+        self.step = self.counted
+
+    def end(self) -> None:
+        self.step = -1
+        self.counted += 1
+        if self.counted >= self.num_steps:
+            self.timesteps = None
+
+    def skips(self, layer: int) -> bool:
+        return layer in self.by_step.get(self.step, ())
+
+
+class _StepCounterHook(ModelHook):
+    """Counts the UNet calls of one pipeline call so that the layer hooks know the step."""
+
+    _is_stateful = True
+
+    def __init__(self, state: _SkipState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.state.begin()
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.state.end()
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.reset()
+        return module
+
+
+class _LayerSkipHook(ModelHook):
+    """AutoDiffusion layer skip: at the chosen steps, the layer's shortcut instead of the layer."""
+
+    def __init__(self, state: _SkipState, layer: int) -> None:
+        super().__init__()
+        self.state = state
+        self.layer = layer
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if not self.state.skips(self.layer):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden = args[0] if args else kwargs.get("input_tensor", kwargs.get("hidden_states"))
+        if hasattr(module, "conv_shortcut"):  # ResnetBlock2D
+            return resnet_shortcut(module, hidden)
+        if kwargs.get("return_dict", True):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=hidden)
+        return (hidden,)
+
+
+def resnet_shortcut(resnet: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A diffusers ResnetBlock2D with its residual branch dropped: the shortcut path of its forward."""
+    if resnet.upsample is not None:
+        x = resnet.upsample(x)
+    elif resnet.downsample is not None:
+        x = resnet.downsample(x)
+    if resnet.conv_shortcut is not None:
+        x = resnet.conv_shortcut(x)
+    return x / resnet.output_scale_factor
+
+
+def apply_block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> None:
+    """AutoDiffusion (arXiv 2309.10438) stage 2: skip `config.skips` layers at their steps, via HookRegistry.
+
+    Args:
+        pipe_or_unet: a pipeline with `.unet` (a `UNet2DConditionModel`) and `.scheduler`, or the UNet with
+            `scheduler`.
+        config (`BlockSkipConfig`): the (step, layer id) pairs; layer ids index `skippable_layers(unet)`.
+        scheduler: the scheduler driving the UNet; taken from the pipeline when a pipeline is given.
+
+    Example:
+        >>> from fastdiff.testing import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> apply_block_skip(pipe, BlockSkipConfig(skips={3: [0, 5], 4: [2]}))
+        >>> image = pipe("a red cube", num_inference_steps=5, height=64, width=64).images[0]
+        >>> remove_block_skip(pipe)
+    """
+    if not isinstance(config, BlockSkipConfig):
+        raise ValueError("config must be a BlockSkipConfig.")
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if scheduler is None and unet is not pipe_or_unet:
+        scheduler = getattr(pipe_or_unet, "scheduler", None)
+    layers = skippable_layers(unet)
+    if scheduler is None or not hasattr(scheduler, "timesteps"):
+        raise ValueError("block skipping needs the scheduler driving the UNet: pass scheduler=... with a UNet.")
+    bad = sorted({layer for _, layer in config.skips if layer >= len(layers)})
+    if bad:
+        raise ValueError(f"layer ids {bad} are out of range: this UNet has {len(layers)} skippable layers "
+                         f"(0-{len(layers) - 1}, see skippable_layers).")
+    registry = HookRegistry.check_if_exists_or_initialize(unet)
+    if registry.get_hook(HOOK_NAME) is not None:
+        raise ValueError("block skipping is already applied: call remove_block_skip first.")
+    state = _SkipState(config, scheduler, len(layers))
+    skipped = {layer for _, layer in config.skips}
+    for index, (_, module) in enumerate(layers):
+        if index in skipped:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_LayerSkipHook(state, index), HOOK_NAME)
+    registry.register_hook(_StepCounterHook(state), HOOK_NAME)
+    registry.invalidate_child_registries_cache()
+
+
+def remove_block_skip(pipe_or_unet) -> None:
+    """AutoDiffusion block skipping: detach every hook `apply_block_skip` attached."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is None or registry.get_hook(HOOK_NAME) is None:
+        return
+    registry.remove_hook(HOOK_NAME, recurse=True)
+    registry.invalidate_child_registries_cache()
+
+
+@contextlib.contextmanager
+def block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> Iterator[None]:
+    """AutoDiffusion block skipping inside a `with` block; removed on exit (also on error)."""
+    apply_block_skip(pipe_or_unet, config, scheduler=scheduler)
+    try:
+        yield
+    finally:
+        remove_block_skip(pipe_or_unet)
