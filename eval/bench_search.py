@@ -8,6 +8,8 @@ Parts (each prints a table and writes JSON + markdown to eval/results/search/):
              training digits and the first 1000 against the 1000 held-out digits               (~12 min)
   joint      reference model, K = 10: timestep search + Faster Diffusion "fd20" key steps vs joint search of
              timesteps and key steps, same number of key steps (equal UNet FLOPs)                (~10 min)
+  skips      reference model, K = 10: the paper's stage 2, 10 skipped (step, layer) pairs, vs the same number
+             of random skips on the stage-1 schedule; counted UNet FLOPs                         (~8 min)
 
   nice -n 10 .venv/bin/python eval/bench_search.py --part exact reference joint
   .venv/bin/python eval/bench_search.py --part reference joint --smoke     (random weights, tiny: checks the script)
@@ -283,9 +285,68 @@ def part_joint(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 1000) 
     _write("joint_smoke" if smoke else "joint", record, table, out)
 
 
+def _unet_flops(pipe, candidate) -> int:
+    """UNet FLOPs of one batch-1 call of `candidate` (timesteps, key steps, layer skips), FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastdiff.search.objectives import _propagation, _skipping
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with _propagation(pipe, candidate.key_steps), _skipping(pipe, candidate.skips):
+            pipe(class_labels=[0], timesteps=list(candidate.timesteps), output_type="pt",
+                 generator=torch.Generator().manual_seed(0))
+    return counter.get_total_flops()
+
+
+def part_skips(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 4000) -> None:
+    """The paper's stage 2 on the reference model, K = 10: skip 10 (step, layer) pairs, at most 10% per step."""
+    from fastdiff.hooks import skippable_layers
+    from fastdiff.search.evolutionary import SearchSpace, random_candidate
+
+    pipe, clf, _, train_images, _, held_images = _reference(smoke)
+    k, num_skips = 10, 10
+    n_search, n_eval = (16, 32) if smoke else (n_search, n_eval)
+    stage1, stage2 = (3, 3) if smoke else (40, 30)
+    search_obj, _, vs_train = _objectives(pipe, clf, train_images, held_images, n_search, n_eval, 100_000)
+    t0 = time.perf_counter()
+    config = SearchConfig(seed=0, max_evaluations=stage1, population_size=16, num_parents=6, num_skips=num_skips,
+                          max_skip_fraction=0.1, stage2_evaluations=stage2)
+    result = search_timesteps(pipe, k, search_obj, config)
+    wall = time.perf_counter() - t0
+    num_layers = len(skippable_layers(pipe.unet))
+    space = SearchSpace(k, 999, num_skips=num_skips, num_layers=num_layers, max_skips_per_step=max(1, num_layers // 10))
+    random_skips = random_candidate(space, torch.Generator().manual_seed(1)).skips
+    rows = {
+        "uniform, full network": make_candidate(_flag_timesteps(pipe, k)),
+        "stage 1 (searched timesteps), full network": make_candidate(result.stage1_timesteps),
+        "stage 1 timesteps + random skips": make_candidate(result.stage1_timesteps, (), random_skips),
+        "stage 2 (timesteps + skips searched)": make_candidate(result.timesteps, (), result.skips),
+    }
+    full_flops = _unet_flops(pipe, rows["uniform, full network"])
+    scores = {name: vs_train(c) for name, c in rows.items()}
+    flops = {name: _unet_flops(pipe, c) / full_flops for name, c in rows.items()}
+    names = [name for name, _ in skippable_layers(pipe.unet)]
+    record = {"K": k, "num_skips": num_skips, "num_layers": num_layers, "max_skips_per_step": space.max_skips_per_step,
+              "stage1_evaluations": stage1, "stage2_evaluations": stage2, "search_samples": n_search,
+              "eval_samples": n_eval, "reference": "4000 training digits", "search_wall_s": wall,
+              "rows": {name: {"timesteps": list(c.timesteps), "skips": [list(x) for x in c.skips], "fd": scores[name],
+                              "unet_flops": flops[name]} for name, c in rows.items()},
+              "smoke": smoke, "env": _env()}
+    lines = [f"| {name} | {flops[name]:.3f} | {scores[name]:.3f} | {list(c.timesteps)} | "
+             f"{', '.join(f'{s}:{names[layer]}' for s, layer in c.skips) or '-'} |" for name, c in rows.items()]
+    table = ["# AutoDiffusion stage 2: per-step layer skips (reference model, K = 10)", "",
+             f"DPM-Solver++ 2M. Stage 1: {stage1} evaluations; stage 2: {stage2}, {num_skips} skipped (step, layer) "
+             f"pairs of {k} x {num_layers}, at most {space.max_skips_per_step} per step (the paper's 10%); N = "
+             f"{n_search} per candidate; search wall {wall:.0f} s. FD (lenet) of {n_eval} images at held-out seeds "
+             "vs the 4,000 training digits; UNet FLOPs of a batch-1 call (FlopCounterMode) relative to the first row.",
+             "", "| schedule | UNet FLOPs | FD | timesteps | skips (step:layer) |", "|---|---|---|---|---|", *lines, "",
+             f"Hardware: {_env()}"]
+    _write("skips_smoke" if smoke else "skips", record, table, out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", choices=("exact", "reference", "joint"), default=["exact"])
+    parser.add_argument("--part", nargs="+", choices=("exact", "reference", "joint", "skips"), default=["exact"])
     parser.add_argument("--smoke", action="store_true", help="random weights, tiny sizes: checks the script only")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--n-search", type=int, default=200, help="images per candidate during the search")
@@ -293,7 +354,7 @@ def main() -> int:
                         help="held-out-seed images per scored schedule in the reference part (joint: 1000)")
     args = parser.parse_args()
     out = Path("/tmp/bench_search_smoke") if args.smoke else args.out
-    if not args.smoke and {"reference", "joint"} & set(args.part):
+    if not args.smoke and {"reference", "joint", "skips"} & set(args.part):
         from fastdiff.models.train import UNET_FILE, WEIGHTS_DIR
 
         if not (WEIGHTS_DIR / UNET_FILE).exists():
@@ -306,8 +367,10 @@ def main() -> int:
             part_exact(out)
         elif part == "reference":
             part_reference(out, args.smoke, args.n_search, args.n_eval)
-        else:
+        elif part == "joint":
             part_joint(out, args.smoke, args.n_search, min(args.n_eval, 1000))
+        else:
+            part_skips(out, args.smoke, args.n_search, args.n_eval)
     return 0
 
 
