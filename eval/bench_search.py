@@ -7,7 +7,8 @@ Parts (each prints a table and writes JSON + markdown to eval/results/search/):
              held-out seeds 0..N_eval-1 (never seen by the search), all N_eval = 4000 images against the
              training digits and the first 1000 against the 1000 held-out digits               (~12 min)
   joint      reference model, K = 10: timestep search + Faster Diffusion "fd20" key steps vs joint search of
-             timesteps and key steps, same number of key steps (equal UNet FLOPs)                (~10 min)
+             timesteps and key steps, same number of key steps (equal UNet FLOPs); scored like the
+             skips part on N_eval held-out-seed images against the training digits              (~10 min)
   skips      reference model, K = 10: the paper's stage 2, 10 skipped (step, layer) pairs, vs the same number
              of random skips on the stage-1 schedule; counted UNet FLOPs                         (~8 min)
 
@@ -243,7 +244,7 @@ def part_reference(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 40
     _write("reference_smoke" if smoke else "reference", record, table, out)
 
 
-def part_joint(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 1000) -> None:
+def part_joint(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 4000) -> None:
     from fastdiff.hooks.encoder_propagation import key_step_indices
 
     pipe, clf, _, train_images, _, held_images = _reference(smoke)
@@ -251,7 +252,7 @@ def part_joint(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 1000) 
     n_search, n_eval = (16, 32) if smoke else (n_search, n_eval)
     stage1, stage2 = (3, 3) if smoke else (40, 30)
     preset = list(key_step_indices("fd20", k))
-    search_obj, held, _ = _objectives(pipe, clf, train_images, held_images, n_search, n_eval, 100_000)
+    search_obj, _, held = _objectives(pipe, clf, train_images, held_images, n_search, n_eval, 100_000)
     t0 = time.perf_counter()
     config = SearchConfig(seed=0, max_evaluations=stage1, population_size=16, num_parents=6,
                           num_key_steps=len(preset), key_step_presets=[preset], stage2_evaluations=stage2)
@@ -277,7 +278,7 @@ def part_joint(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 1000) 
               "search_wall_s": wall, "smoke": smoke, "env": _env()}
     rows = [f"| {name} | {len(keys[name])}/{k} | {v:.3f} | {keys[name]} |" for name, v in scores.items()]
     table = ["# Joint search of timesteps and encoder-propagation key steps (reference model, K = 10)", "",
-             f"DPM-Solver++ 2M, FD (lenet) of N = {n_eval} held-out-seed images vs held-out digits. Stage 1: "
+             f"DPM-Solver++ 2M, FD (lenet) of N = {n_eval} held-out-seed images vs the 4,000 training digits. Stage 1: "
              f"{stage1} evaluations, stage 2: {stage2}, N = {n_search} per candidate; search wall {wall:.0f} s. "
              "Rows with the same number of key steps cost the same UNet FLOPs.", "",
              "| method | key steps | FD | keys |", "|---|---|---|---|", *rows, "",
@@ -351,7 +352,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--n-search", type=int, default=200, help="images per candidate during the search")
     parser.add_argument("--n-eval", type=int, default=4000,
-                        help="held-out-seed images per scored schedule in the reference part (joint: 1000)")
+                        help="held-out-seed images per scored schedule (reference, joint and skips parts)")
     args = parser.parse_args()
     out = Path("/tmp/bench_search_smoke") if args.smoke else args.out
     if not args.smoke and {"reference", "joint", "skips"} & set(args.part):
@@ -368,7 +369,7 @@ def main() -> int:
         elif part == "reference":
             part_reference(out, args.smoke, args.n_search, args.n_eval)
         elif part == "joint":
-            part_joint(out, args.smoke, args.n_search, min(args.n_eval, 1000))
+            part_joint(out, args.smoke, args.n_search, args.n_eval)
         else:
             part_skips(out, args.smoke, args.n_search, args.n_eval)
     return 0
