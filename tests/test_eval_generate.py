@@ -282,6 +282,19 @@ def test_composes_with_encoder_propagation(pipe, tmp_path):
     np.testing.assert_array_equal(_pixels(tmp_path / "before"), _pixels(tmp_path / "after"))
 
 
+def test_composes_with_block_skip(pipe, tmp_path):
+    """A method with AutoDiffusion layer skips changes the images through fastdiff.hooks and is undone after."""
+    plain = MethodSpec(name="plain", steps=4)
+    G.generate_images(pipe, plain, tmp_path / "before", n=2, batch_size=2, progress=False)
+    skipping = MethodSpec(name="skip", steps=4, block_skip={"skips": [[1, 0], [2, 3]]})
+    G.generate_images(pipe, skipping, tmp_path / "skip", n=2, batch_size=2, progress=False)
+    G.generate_images(pipe, plain, tmp_path / "after", n=2, batch_size=2, progress=False)
+    assert not np.array_equal(_pixels(tmp_path / "before"), _pixels(tmp_path / "skip"))
+    np.testing.assert_array_equal(_pixels(tmp_path / "before"), _pixels(tmp_path / "after"))
+    with pytest.raises(ValueError, match="bad block_skip options"):
+        MethodSpec(name="x", steps=4, block_skip={"skip": [[1, 0]]})
+
+
 def test_composes_with_svdd(pipe, tmp_path):
     """An SVDD method goes through fastdiff.guidance.svdd_sample; the harness counts its extra denoiser rows."""
     pytest.importorskip("fastdiff.guidance.svdd")

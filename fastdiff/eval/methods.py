@@ -10,6 +10,7 @@ A method is one row of a sweep (`[[methods]]` in a sweep TOML, or flags of `fast
     guidance = 1.0                         # classifier-free guidance scale (default: the model's)
     eta = 0.0                              # DDIM eta, passed when the scheduler's `step` takes it
     encoder_propagation = { key_steps = "fd50", parallel = true }   # fastdiff.hooks (Faster Diffusion)
+    block_skip = { skips = [[3, 5], [4, 2]] }                       # fastdiff.hooks (AutoDiffusion stage 2)
     patch_parallel = { mode = "async", warmup_steps = 4 }           # fastdiff.parallel (DistriFusion / PCPP)
     svdd = { reward = "jpeg_compressibility", num_candidates = 8 }  # fastdiff.guidance (SVDD)
 
@@ -39,6 +40,11 @@ ACCELERATORS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "fastdiff.hooks",
         ("EncoderPropagationConfig", "encoder_propagation"),
         "encoder propagation",
+    ),
+    "block_skip": (
+        "fastdiff.hooks",
+        ("BlockSkipConfig", "block_skip"),
+        "layer skipping",
     ),
     "patch_parallel": (
         "fastdiff.parallel",
@@ -113,6 +119,7 @@ class MethodSpec:
     guidance: float | None = None
     eta: float | None = None
     encoder_propagation: dict[str, Any] | None = None
+    block_skip: dict[str, Any] | None = None
     patch_parallel: dict[str, Any] | None = None
     svdd: dict[str, Any] | None = None
 
@@ -170,6 +177,8 @@ class MethodSpec:
         try:
             if key == "encoder_propagation":
                 return module.EncoderPropagationConfig(**options)
+            if key == "block_skip":
+                return module.BlockSkipConfig(**options)
             if key == "patch_parallel":
                 return module.PatchParallelConfig(**options)
             reward = options.pop("reward", None)
@@ -200,6 +209,9 @@ class MethodSpec:
                     stack.enter_context(
                         hooks.encoder_propagation(pipe, self._accelerator_config("encoder_propagation"))
                     )
+                if self.block_skip is not None:
+                    hooks = _import_accelerator("block_skip")
+                    stack.enter_context(hooks.block_skip(pipe, self._accelerator_config("block_skip")))
                 if self.patch_parallel is not None:
                     parallel = _import_accelerator("patch_parallel")
                     parallel.enable_patch_parallel(pipe, self._accelerator_config("patch_parallel"))
