@@ -227,6 +227,16 @@ def test_joint_search_of_key_steps_applies_as_encoder_propagation(tiny_pipe):
     torch.testing.assert_close(objective.generate(make_candidate(result.timesteps)), full, atol=0, rtol=0)
 
 
+def test_cli_bad_input_exits_2_with_the_fix(tmp_path, capsys):
+    from fastdiff.cli import main
+
+    code = main(["search", "--steps", "3", "--objective", "exact", "--skips", "2", "--out", str(tmp_path / "s.json")])
+    assert code == 2 and "no layers to skip" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+    assert main(["search", "--steps", "3", "--objective", "exact", "--evaluations", "0"]) == 2
+    assert "max_evaluations must be >= 1" in capsys.readouterr().err
+
+
 def test_cli_writes_schedule(tmp_path):
     from fastdiff.cli import main
 

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -413,7 +414,15 @@ def _demo_mixture():
 
 
 def run_search(args: argparse.Namespace) -> int:
-    """`fastdiff search`: run the search with a progress bar, write the schedule JSON."""
+    """`fastdiff search`: run the search with a progress bar, write the schedule JSON; bad input exits 2."""
+    try:
+        return _run_search(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fastdiff search: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_search(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     config = SearchConfig(seed=args.seed, population_size=args.population, num_parents=args.parents,
@@ -441,9 +450,11 @@ def run_search(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(best=f"{min(state.fitness.values()):.4g}", gen=state.generations)
 
-    result = search_timesteps(pipe, args.steps, args.objective, config, checkpoint=args.checkpoint,
-                              on_evaluation=progress)
-    bar.close()
+    try:
+        result = search_timesteps(pipe, args.steps, args.objective, config, checkpoint=args.checkpoint,
+                                  on_evaluation=progress)
+    finally:
+        bar.close()
     path = result.save(args.out)
     keys = f" key_steps={result.key_steps}" if result.key_steps else ""
     keys += f" skips={result.skips}" if result.skips else ""
