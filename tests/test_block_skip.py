@@ -117,6 +117,30 @@ def test_clear_errors(unet):
         SearchConfig(num_key_steps=2, num_skips=2)
 
 
+def test_composes_with_sequential_encoder_propagation_and_refuses_parallel(tiny_sd):
+    from fastdiff.hooks import EncoderPropagationConfig, encoder_propagation
+
+    kw = dict(num_inference_steps=3, height=64, width=64, output_type="pt")
+
+    def run():
+        return tiny_sd("a red cube", generator=torch.Generator().manual_seed(0), **kw).images
+
+    skips = BlockSkipConfig(skips={2: [len(skippable_layers(tiny_sd.unet)) - 1]})  # a decoder layer at step 2
+    with encoder_propagation(tiny_sd, EncoderPropagationConfig(key_steps=[0, 1, 2])):  # all key: EP is exact
+        with block_skip(tiny_sd, skips):
+            both = run()
+    with block_skip(tiny_sd, skips):
+        only_skips = run()
+    torch.testing.assert_close(both, only_skips, atol=0, rtol=0)
+    with encoder_propagation(tiny_sd, EncoderPropagationConfig(key_steps=[0], parallel=True)):
+        with pytest.raises(ValueError, match="parallel"):
+            apply_block_skip(tiny_sd, skips)
+    with block_skip(tiny_sd, skips):
+        with pytest.raises(ValueError, match="parallel"):
+            with encoder_propagation(tiny_sd, EncoderPropagationConfig(key_steps=[0], parallel=True)):
+                pass
+
+
 def test_skip_genes_respect_the_budget_and_the_per_step_bound():
     space = SearchSpace(4, 999, num_skips=5, num_layers=6, max_skips_per_step=2)
     g = torch.Generator().manual_seed(0)

@@ -208,6 +208,10 @@ def apply_block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> N
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     if registry.get_hook(HOOK_NAME) is not None:
         raise ValueError("block skipping is already applied: call remove_block_skip first.")
+    propagation = registry.get_hook("fastdiff_encoder_propagation")
+    if propagation is not None and propagation.state.config.parallel:
+        raise ValueError("block skipping cannot follow parallel decoding: the batched decoders of later steps would "
+                         "skip this step's layers. Use EncoderPropagationConfig(parallel=False) with it.")
     state = _SkipState(config, scheduler, len(layers))
     skipped = {layer for _, layer in config.skips}
     for index, (_, module) in enumerate(layers):

@@ -416,6 +416,9 @@ def apply_encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, sc
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     if registry.get_hook(HOOK_NAME) is not None:
         raise ValueError("encoder propagation is already applied: call remove_encoder_propagation first.")
+    if config.parallel and registry.get_hook("fastdiff_block_skip") is not None:
+        raise ValueError("parallel decoding cannot run under block skipping: the batched decoders of later steps "
+                         "would skip this step's layers. Use parallel=False with block skipping.")
     state = _PropagationState(config, scheduler)
     parts = [("conv_in", unet.conv_in)]
     parts += [(f"down_blocks.{i}", block) for i, block in enumerate(unet.down_blocks)]
