@@ -293,6 +293,9 @@ def test_composes_with_block_skip(pipe, tmp_path):
     np.testing.assert_array_equal(_pixels(tmp_path / "before"), _pixels(tmp_path / "after"))
     with pytest.raises(ValueError, match="bad block_skip options"):
         MethodSpec(name="x", steps=4, block_skip={"skip": [[1, 0]]})
+    with pytest.raises(ValueError, match="parallel = false"):
+        MethodSpec(name="x", steps=4, block_skip={"skips": [[1, 0]]}, encoder_propagation={"key_steps": 2,
+                                                                                          "parallel": True})
 
 
 def test_composes_with_svdd(pipe, tmp_path):

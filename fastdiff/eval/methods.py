@@ -155,6 +155,9 @@ class MethodSpec:
             if not isinstance(options, dict):
                 raise ValueError(f"method {self.name!r}: {key} must be a table of options.")
             self._accelerator_config(key)  # imports and validates the options now
+        if self.block_skip is not None and (self.encoder_propagation or {}).get("parallel"):
+            raise ValueError(f"method {self.name!r}: block_skip cannot be combined with parallel encoder propagation; "
+                             "set encoder_propagation.parallel = false.")
 
     # -- what the sampler needs ------------------------------------------------------------------
     def sampling_timesteps(self) -> list[int] | None:
