@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from fastdiff.hooks.steps import StepCounter
+
 HOOK_NAME = "fastdiff_block_skip"
 
 
@@ -80,48 +82,12 @@ class BlockSkipConfig:
             raise ValueError(f"skips {normal} hold a negative step or layer id: both count from 0.")
         self.skips = tuple(normal)
 
-    def by_step(self) -> dict[int, frozenset[int]]:
+    def steps_by_layer(self) -> dict[int, frozenset[int]]:
+        """Layer id -> the steps that skip it."""
         out: dict[int, set[int]] = {}
         for step, layer in self.skips:
-            out.setdefault(step, set()).add(layer)
-        return {step: frozenset(layers) for step, layers in out.items()}
-
-
-class _SkipState:
-    """The step counter shared by the UNet hook and the layer hooks."""
-
-    def __init__(self, config: BlockSkipConfig, scheduler, num_layers: int) -> None:
-        self.by_step = config.by_step()
-        self.scheduler = scheduler
-        self.num_layers = num_layers
-        self.reset()
-
-    def reset(self) -> None:
-        self.step = -1  # outside a UNet call
-        self.counted = 0
-        self.timesteps = None
-        self.num_steps = 0
-
-    def begin(self) -> None:
-        timesteps = self.scheduler.timesteps
-        if timesteps is None:
-            raise ValueError("the scheduler has no timesteps: call scheduler.set_timesteps(...) before the UNet.")
-        if timesteps is not self.timesteps:  # a new pipeline call (set_timesteps ran)
-            self.timesteps, self.num_steps, self.counted = timesteps, len(timesteps), 0
-            late = [s for s in self.by_step if s >= self.num_steps]
-            if late:
-                raise ValueError(f"skip steps {sorted(late)} are out of range for {self.num_steps} steps "
-                                 f"(indices 0-{self.num_steps - 1}).")
-        self.step = self.counted
-
-    def end(self) -> None:
-        self.step = -1
-        self.counted += 1
-        if self.counted >= self.num_steps:
-            self.timesteps = None
-
-    def skips(self, layer: int) -> bool:
-        return layer in self.by_step.get(self.step, ())
+            out.setdefault(layer, set()).add(step)
+        return {layer: frozenset(steps) for layer, steps in out.items()}
 
 
 class _StepCounterHook(ModelHook):
@@ -129,32 +95,40 @@ class _StepCounterHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state: _SkipState) -> None:
+    def __init__(self, counter: StepCounter, skip_steps: frozenset[int]) -> None:
         super().__init__()
-        self.state = state
+        self.counter = counter
+        self.skip_steps = skip_steps
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        self.state.begin()
+        counter = self.counter
+        if counter.sync():
+            num_steps = counter.num_steps
+            late = sorted(s for s in self.skip_steps if s >= num_steps)
+            if late:
+                counter.forget()
+                raise ValueError(f"skip steps {late} are out of range for {num_steps} steps "
+                                 f"(indices 0-{num_steps - 1}).")
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            self.state.end()
+            counter.advance()
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.reset()
+        self.counter.forget()
         return module
 
 
 class _LayerSkipHook(ModelHook):
     """AutoDiffusion layer skip: at the chosen steps, the layer's shortcut instead of the layer."""
 
-    def __init__(self, state: _SkipState, layer: int) -> None:
+    def __init__(self, counter: StepCounter, steps: frozenset[int]) -> None:
         super().__init__()
-        self.state = state
-        self.layer = layer
+        self.counter = counter
+        self.steps = steps  # the steps that skip this layer
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        if not self.state.skips(self.layer):
+        if self.counter.step not in self.steps:
             return self.fn_ref.original_forward(*args, **kwargs)
         hidden = args[0] if args else kwargs.get("input_tensor", kwargs.get("hidden_states"))
         if hasattr(module, "conv_shortcut"):  # ResnetBlock2D
@@ -212,12 +186,11 @@ def apply_block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> N
     if propagation is not None and propagation.state.config.parallel:
         raise ValueError("block skipping cannot follow parallel decoding: the batched decoders of later steps would "
                          "skip this step's layers. Use EncoderPropagationConfig(parallel=False) with it.")
-    state = _SkipState(config, scheduler, len(layers))
-    skipped = {layer for _, layer in config.skips}
-    for index, (_, module) in enumerate(layers):
-        if index in skipped:
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(_LayerSkipHook(state, index), HOOK_NAME)
-    registry.register_hook(_StepCounterHook(state), HOOK_NAME)
+    counter = StepCounter(scheduler)
+    for layer, steps in config.steps_by_layer().items():
+        hook = _LayerSkipHook(counter, steps)
+        HookRegistry.check_if_exists_or_initialize(layers[layer][1]).register_hook(hook, HOOK_NAME)
+    registry.register_hook(_StepCounterHook(counter, frozenset(s for s, _ in config.skips)), HOOK_NAME)
     registry.invalidate_child_registries_cache()
 
 

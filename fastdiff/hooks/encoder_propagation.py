@@ -36,6 +36,8 @@ from typing import Any, Literal
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from fastdiff.hooks.steps import StepCounter
+
 HOOK_NAME = "fastdiff_encoder_propagation"
 
 # preset -> (the step count it was written for, its key step indices); Faster Diffusion's key steps.
@@ -179,13 +181,16 @@ class _PropagationState:
     def __init__(self, config: EncoderPropagationConfig, scheduler) -> None:
         self.config = config
         self.scheduler = scheduler
+        self.counter = StepCounter(scheduler)
         self.reset()
 
     def reset(self) -> None:
-        self.step = 0
-        self.num_steps: int | None = None
+        """Forget the running call and everything it cached."""
+        self.counter.forget()
+        self._clear()
+
+    def _clear(self) -> None:
         self.keys: frozenset[int] = frozenset()
-        self.timesteps = None  # the scheduler.timesteps object of the running call
         self.mode: Literal["off", "record", "serve", "tile"] = "off"
         self.repeat = 1
         self.features: dict[str, Any] = {}
@@ -196,14 +201,16 @@ class _PropagationState:
 
     def sync(self) -> int:
         """Start a new call when the scheduler's timesteps changed (set_timesteps ran); return the step index."""
-        timesteps = self.scheduler.timesteps
-        if timesteps is None:
-            raise ValueError("the scheduler has no timesteps: call scheduler.set_timesteps(...) before the UNet.")
-        if self.timesteps is not timesteps:
-            keys = frozenset(key_step_indices(self.config.key_steps, len(timesteps)))
-            self.reset()
-            self.timesteps, self.num_steps, self.keys = timesteps, len(timesteps), keys
-        return self.step
+        counter = self.counter
+        if counter.sync():
+            try:
+                keys = frozenset(key_step_indices(self.config.key_steps, counter.num_steps))
+            except ValueError:
+                counter.forget()
+                raise
+            self._clear()
+            self.keys = keys
+        return counter.step
 
     def injection(self, step: int, timestep) -> float | None:
         """The model-output coefficient of noise injection at this step, or None when it does not apply."""
@@ -222,8 +229,8 @@ class _PropagationState:
             raise ValueError(f"noise injection is implemented for epsilon and v prediction, not {prediction!r}: "
                              "set noise_injection_alpha=0.")
         alpha_bar_t = float(alphas_cumprod[int(timestep)])
-        if step + 1 < self.num_steps:
-            alpha_bar_prev = float(alphas_cumprod[int(self.timesteps[step + 1])])
+        if step + 1 < self.counter.num_steps:
+            alpha_bar_prev = float(alphas_cumprod[int(self.counter.timesteps[step + 1])])
         else:
             alpha_bar_prev = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
         coefficient = injection_eps_coefficient if prediction == "epsilon" else injection_v_coefficient
@@ -306,8 +313,7 @@ class EncoderPropagationHook(ModelHook):
 
         if coefficient is not None:
             output = _with_sample(output, output[0] + coefficient * state.z_T)
-        state.step += 1
-        if state.step >= state.num_steps:
+        if state.counter.advance():
             state.reset()
         return output
 
@@ -321,7 +327,7 @@ class EncoderPropagationHook(ModelHook):
         """Run the decoders of the non-key steps after `key` in batched passes; keep their outputs by step."""
         state = self.state
         group = []
-        for j in range(key + 1, state.num_steps):
+        for j in range(key + 1, state.counter.num_steps):
             if j in state.keys:
                 break
             group.append(j)
@@ -331,7 +337,7 @@ class EncoderPropagationHook(ModelHook):
         for start in range(0, len(group), chunk):
             steps = group[start : start + chunk]
             m = len(steps)
-            timesteps = state.timesteps[steps].to(sample.device)
+            timesteps = state.counter.timesteps[steps].to(sample.device)
             tiled = {k: _tile_batch(v, batch, m) for k, v in call.items() if k not in ("sample", "timestep")}
             tiled.update({k: _tile(v, m) for k, v in state.residuals.items()})
             tiled["sample"] = sample[:1].expand(m * batch, *sample.shape[1:])
