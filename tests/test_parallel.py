@@ -32,7 +32,7 @@ SIM_CONFIGS = {2: ("async", "async_stale_gn", "partial"), 4: ("async", "partial"
 @pytest.fixture(scope="module", autouse=True)
 def job(tmp_path_factory):
     """Start the 4-process gloo job (collected later by `results`)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo")
     out = tmp_path_factory.mktemp("patch_parallel")
     procs = [subprocess.Popen([sys.executable, str(HERE / "parallel_worker.py"), str(rank), str(out / "store"),
                                str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
