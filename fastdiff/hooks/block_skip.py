@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from fastdiff.hooks.encoder_propagation import HOOK_NAME as PROPAGATION_HOOK
 from fastdiff.hooks.steps import StepCounter
 
 HOOK_NAME = "fastdiff_block_skip"
@@ -134,8 +136,6 @@ class _LayerSkipHook(ModelHook):
         if hasattr(module, "conv_shortcut"):  # ResnetBlock2D
             return resnet_shortcut(module, hidden)
         if kwargs.get("return_dict", True):
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
             return Transformer2DModelOutput(sample=hidden)
         return (hidden,)
 
@@ -182,7 +182,7 @@ def apply_block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> N
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     if registry.get_hook(HOOK_NAME) is not None:
         raise ValueError("block skipping is already applied: call remove_block_skip first.")
-    propagation = registry.get_hook("fastdiff_encoder_propagation")
+    propagation = registry.get_hook(PROPAGATION_HOOK)
     if propagation is not None and propagation.state.config.parallel:
         raise ValueError("block skipping cannot follow parallel decoding: the batched decoders of later steps would "
                          "skip this step's layers. Use EncoderPropagationConfig(parallel=False) with it.")

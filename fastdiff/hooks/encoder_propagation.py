@@ -180,7 +180,6 @@ class _PropagationState:
 
     def __init__(self, config: EncoderPropagationConfig, scheduler) -> None:
         self.config = config
-        self.scheduler = scheduler
         self.counter = StepCounter(scheduler)
         self.reset()
 
@@ -217,7 +216,7 @@ class _PropagationState:
         alpha = self.config.noise_injection_alpha
         if alpha == 0 or float(timestep) >= self.config.noise_injection_tau:
             return None
-        scheduler = self.scheduler
+        scheduler = self.counter.scheduler
         alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
         if alphas_cumprod is None or float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
             raise ValueError(
@@ -422,7 +421,9 @@ def apply_encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, sc
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     if registry.get_hook(HOOK_NAME) is not None:
         raise ValueError("encoder propagation is already applied: call remove_encoder_propagation first.")
-    if config.parallel and registry.get_hook("fastdiff_block_skip") is not None:
+    from fastdiff.hooks.block_skip import HOOK_NAME as BLOCK_SKIP_HOOK  # block_skip imports this module
+
+    if config.parallel and registry.get_hook(BLOCK_SKIP_HOOK) is not None:
         raise ValueError("parallel decoding cannot run under block skipping: the batched decoders of later steps "
                          "would skip this step's layers. Use parallel=False with block skipping.")
     state = _PropagationState(config, scheduler)

@@ -106,7 +106,7 @@ class SearchSpace:
                 return False
             per_step[step] = per_step.get(step, 0) + 1
         return (len(skips) == self.num_skips and all(a < b for a, b in zip(skips, skips[1:]))
-                and max(per_step.values()) <= self.max_skips_per_step)
+                and max(per_step.values(), default=0) <= self.max_skips_per_step)
 
     def skip_pairs(self) -> list[tuple[int, int]]:
         """Every (step, layer) pair of the space, in order."""
