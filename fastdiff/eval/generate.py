@@ -19,6 +19,7 @@ Scale-out is torch.distributed as is: `torchrun --nproc_per_node N` or `accelera
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
@@ -52,16 +53,28 @@ RECORD = "generation.json"
 
 # -- torch.distributed --------------------------------------------------------------------------------
 def init_distributed() -> tuple[int, int]:
-    """(rank, world_size); starts the default process group when launched by torchrun/accelerate."""
+    """(rank, world_size); starts the default process group when launched by torchrun/accelerate.
+
+    A group started here is destroyed at interpreter exit (torch asks for `destroy_process_group` before
+    exit; without it the gloo transport can abort a process whose peer has already gone).
+    """
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        atexit.register(_destroy_process_group)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _distributed() -> bool:
