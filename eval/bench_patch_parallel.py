@@ -107,8 +107,12 @@ def worker_speed(args) -> None:
 
         dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=args.rank, world_size=args.world,
                                 timeout=datetime.timedelta(seconds=600))
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler()  # a bare UNet's step clock reads its timesteps: one UNet call per step
+        scheduler.set_timesteps(1000)
         for name, kwargs in SPEED_CONFIGS.items():
-            state = enable_patch_parallel(unet, PatchParallelConfig(**kwargs))
+            state = enable_patch_parallel(unet, PatchParallelConfig(**kwargs), scheduler=scheduler)
             _time_calls(unet, inputs, 2)  # warm-up (allocations, gloo connections)
             reset_patch_parallel(unet)
             times = _time_calls(unet, inputs, args.calls + 1, barrier=dist.barrier)

@@ -165,7 +165,7 @@ def simulate(pipe, world_size: int, configs: dict, seed: int = 0) -> list[dict]:
 
 def check_layers(group) -> dict:
     """Max |patch - original| per layer type and dtype, every layer on a full input split into bands."""
-    import torch.nn.functional as F  # noqa: F401
+    from diffusers.hooks import HookRegistry
     from diffusers.models.attention_processor import Attention
     from torch import nn
 
@@ -180,6 +180,15 @@ def check_layers(group) -> dict:
     def gather(t, dim):
         return torch.cat(state.comm.all_gather(t, "output").wait(), dim=dim)
 
+    def banded(module, hook, x):
+        """`module(x)` with the band-aware `hook` registered on it, then the hook removed again."""
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(hook, "patch")
+        try:
+            return module(x)
+        finally:
+            registry.remove_hook("patch", recurse=False)
+
     for dtype in (torch.float64, torch.float32):
         torch.manual_seed(0)
         x = (torch.randn(2, 8, 16, 12) * 3 + 2).to(dtype)
@@ -191,18 +200,20 @@ def check_layers(group) -> dict:
         }
         for name, conv in layers.items():
             conv = conv.to(dtype)
-            errors[f"{name}/{dtype}"] = (gather(PatchConv2d(conv, state, 0)(band), 2) - conv(x)).abs().max().item()
+            errors[f"{name}/{dtype}"] = (gather(banded(conv, PatchConv2d(state, 0), band), 2)
+                                         - conv(x)).abs().max().item()
         conv = layers["conv3x3"].to(dtype)
-        first = gather(PatchConv2d(conv, state, 1, "first")(x), 2)
+        first = gather(banded(conv, PatchConv2d(state, 1, "first"), x), 2)
         errors[f"conv_first/{dtype}"] = (first - conv(x)).abs().max().item()
-        errors[f"conv_last/{dtype}"] = (PatchConv2d(conv, state, 2, "last")(band) - conv(x)).abs().max().item()
+        errors[f"conv_last/{dtype}"] = (banded(conv, PatchConv2d(state, 2, "last"), band) - conv(x)).abs().max().item()
         gn = nn.GroupNorm(4, 8).to(dtype)
         nn.init.normal_(gn.weight), nn.init.normal_(gn.bias)
-        errors[f"groupnorm/{dtype}"] = (gather(PatchGroupNorm(gn, state, 3)(band), 2) - gn(x)).abs().max().item()
+        errors[f"groupnorm/{dtype}"] = (gather(banded(gn, PatchGroupNorm(state, 3), band), 2)
+                                        - gn(x)).abs().max().item()
         attn = Attention(query_dim=8, heads=2, dim_head=4).to(dtype).eval()
         tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C), row-major
         local = tokens[:, r * h * 12:(r + 1) * h * 12]
-        errors[f"self_attention/{dtype}"] = (gather(PatchSelfAttention(attn, state, 4)(local), 1)
+        errors[f"self_attention/{dtype}"] = (gather(banded(attn, PatchSelfAttention(state, 4), local), 1)
                                              - attn(tokens)).abs().max().item()
     return errors
 

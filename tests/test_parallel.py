@@ -135,8 +135,10 @@ def test_enable_needs_a_process_group():
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    with pytest.raises(RuntimeError, match="torchrun"):
-        enable_patch_parallel(worker.sd_pipeline(), PatchParallelConfig())
+    pipe = worker.sd_pipeline()
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node 2"):
+        enable_patch_parallel(pipe, PatchParallelConfig())
+    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in pipe.unet.modules())
 
 
 def test_disable_restores_bit_identical_output():
@@ -155,7 +157,7 @@ def test_disable_restores_bit_identical_output():
     assert sum(s.kind == "conv" for s in plan) == sum(
         isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1 for m in pipe.unet.modules())
     enable_patch_parallel(pipe, PatchParallelConfig(), group=worker.thread_comm(worker.ThreadHub(1), 0))
-    with pytest.raises(ValueError, match="already enabled"):
+    with pytest.raises(ValueError, match="already applied"):
         enable_patch_parallel(pipe, PatchParallelConfig(), group=worker.thread_comm(worker.ThreadHub(1), 0))
     worker.run_trajectory(pipe)
     disable_patch_parallel(pipe)

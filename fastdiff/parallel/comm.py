@@ -65,9 +65,10 @@ class Communicator:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "patch parallelism needs an initialised process group: launch with `torchrun --nproc_per_node N` "
-                "and call torch.distributed.init_process_group() before enable_patch_parallel()."
+            raise ValueError(
+                "patch parallelism needs an initialised torch.distributed process group: launch one process per "
+                "rank, e.g. `torchrun --nproc_per_node 2 your_script.py`, and call "
+                "torch.distributed.init_process_group() before fastdiff.apply(pipe, PatchParallelConfig(...))."
             )
         self._dist = dist
         self.group = group

@@ -1,7 +1,8 @@
 """DistriFusion (arXiv 2402.19481) band-aware layers (one per layer type); PCPP (arXiv 2412.02962) attention.
 
-Each rank holds one row band of every activation. A wrapper keeps the original layer inside (restored by
-`disable_patch_parallel`) and adds what the band needs from the others:
+Each rank holds one row band of every activation. Each layer gets a diffusers `ModelHook` on the original
+module (role "patch_parallel.layers", innermost, so hooks other accelerators put on the same module still
+run); its `new_forward` computes the band with the module's weights and what the band needs from the others:
 
 | layer | needs from other bands |
 |---|---|
@@ -10,18 +11,21 @@ Each rank holds one row band of every activation. A wrapper keeps the original l
 | `nn.GroupNorm` (`PatchGroupNorm`) | per-group mean and variance of every band |
 
 In a synchronous step the exchange is waited on at once (fresh data). In an asynchronous step the layer
-first waits on the exchange it started one UNet call earlier (stale data of the other bands, the local
-band always fresh), computes, then starts the exchange of its fresh data for the next call.
+first waits on the exchange it started at the previous UNet call with the same row chunk and batch size
+(stale data of the other bands, the local band always fresh), computes, then starts the exchange of its
+fresh data for the next such call. Warm-up counts denoising steps of the step clock (`fastdiff.compose`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import ModelHook
 from torch import nn
 
 from fastdiff.parallel.comm import Communicator, Pending
@@ -32,11 +36,11 @@ _SUPPORTED_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
 
 class PatchState:
-    """Shared per-UNet state: the config, the communicator and the UNet-call counter of the current pipeline call."""
+    """Shared state of one patch-parallel UNet: config, communicator, step clock and the layer hooks."""
 
-    def __init__(self, config: PatchParallelConfig, comm: Communicator, split: BatchSplit | None = None) -> None:
-        self.config, self.comm, self.split = config, comm, split
-        self.step = 0
+    def __init__(self, config: PatchParallelConfig, comm: Communicator, split: BatchSplit | None = None,
+                 clock: Any = None) -> None:
+        self.config, self.comm, self.split, self.clock = config, comm, split, clock
         self.layers: list[PatchLayer] = []
 
     @property
@@ -47,8 +51,18 @@ class PatchState:
     def world_size(self) -> int:
         return self.comm.world_size
 
+    @property
+    def step(self) -> int:
+        """The denoising step of the running pipeline call, from the step clock (0 without one)."""
+        return self.clock.step if self.clock is not None else 0
+
+    @property
+    def chunk(self) -> Hashable:
+        """The row chunk of the running UNet call, from the step clock (0 unless a loop pinned one)."""
+        return self.clock.chunk if self.clock is not None else 0
+
     def synchronous(self) -> bool:
-        """Whether this UNet call exchanges fresh data (mode "sync", or a warm-up call)."""
+        """Whether this UNet call exchanges fresh data (mode "sync", or a warm-up step)."""
         return self.config.mode == "sync" or self.step < self.config.warmup_steps
 
     def partial(self) -> bool:
@@ -59,7 +73,6 @@ class PatchState:
         """Start a new pipeline call: wait for (drain) the exchanges still in flight, forget stale buffers."""
         for layer in self.layers:
             layer.forget(drain)
-        self.step = 0
         self.comm.step = 0
         if self.split is not None:
             self.split.pair.step = 0
@@ -71,60 +84,58 @@ class PatchState:
             self.split.pair.reset_counts()
 
 
-class PatchLayer(nn.Module):
-    """Base of the band-aware wrappers: `module` is the original layer; `_stale` the exchange from the last call."""
+class PatchLayer(ModelHook):
+    """DistriFusion (arXiv 2402.19481) band-aware layer: a diffusers hook on the original module.
 
-    def __init__(self, module: nn.Module, state: PatchState, layer_id: int) -> None:
+    `new_forward` computes this rank's band with the module's own weights. Stale exchanges of asynchronous
+    steps are kept per `(chunk, batch size)` of the input, so row chunks and batches of other sizes never
+    read each other's activations; a key seen for the first time exchanges synchronously.
+    """
+
+    def __init__(self, state: PatchState, layer_id: int) -> None:
         super().__init__()
-        self.module = module
+        self.state = state
         self.layer_id = layer_id
-        object.__setattr__(self, "_state", state)  # plain attribute: not a submodule, not in state_dict
-        self._stale: Pending | None = None
+        self._stale: dict[tuple[Hashable, int], Pending] = {}
 
     def forget(self, drain: bool = True) -> None:
-        pending, self._stale = self._stale, None
-        if pending is not None and drain:
-            pending.wait()
+        pending, self._stale = list(self._stale.values()), {}
+        if drain:
+            for p in pending:
+                p.wait()
 
-    def _exchange(self, start) -> Any:
-        """Run one exchange (`start()` -> Pending): fresh now when synchronous, else last call's data.
+    def _key(self, x: torch.Tensor) -> tuple[Hashable, int]:
+        return self.state.chunk, x.shape[0]
 
-        Returns the received data; in an asynchronous call the fresh exchange is left in flight for the next call.
+    def _exchange(self, key: tuple[Hashable, int], start: Callable[[], Pending]) -> Any:
+        """Run one exchange (`start()` -> Pending): fresh now when synchronous, else the last call's data of `key`.
+
+        Returns the received data; in an asynchronous call the fresh exchange is left in flight for the next
+        call with the same key. A key without data yet (new chunk or batch size) exchanges synchronously.
         """
-        if self._state.synchronous():
+        if self.state.synchronous() or key not in self._stale:
             received = start().wait()
-            self._stale = Pending.done(received)
+            self._stale[key] = Pending.done(received)
             return received
-        if self._stale is None:
-            raise RuntimeError(
-                f"patch parallel layer {self.layer_id}: asynchronous step {self._state.step} has no data from the "
-                "previous step (the step counter was reset in the middle of a pipeline call?)."
-            )
-        received = self._stale.wait()
-        self._stale = start()
+        received = self._stale[key].wait()
+        self._stale[key] = start()
         return received
 
 
 class PatchConv2d(PatchLayer):
-    """DistriFusion conv: the band plus `pad` halo rows of its neighbours, convolved without row padding.
+    """DistriFusion (arXiv 2402.19481) conv: the band plus `pad` halo rows of its neighbours, no row padding.
 
     role "first" (`conv_in`): the input is the full latent; the band and its true halo rows are sliced
     from it (exact, no communication). role "last" (`conv_out`): the output bands are all-gathered
     synchronously so that every rank holds the full output.
     """
 
-    def __init__(self, module: nn.Conv2d, state: PatchState, layer_id: int,
-                 role: Literal["first", "inner", "last"] = "inner") -> None:
-        super().__init__(module, state, layer_id)
+    def __init__(self, state: PatchState, layer_id: int, role: Literal["first", "inner", "last"] = "inner") -> None:
+        super().__init__(state, layer_id)
         self.role = role
-        self.pad = module.padding[0]
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.module
-        return F.conv2d(x, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        st, p = self._state, self.pad
+    def new_forward(self, module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        st, p = self.state, module.padding[0]
         n, r = st.world_size, st.rank
         if self.role == "first":
             h = x.shape[2] // n
@@ -133,15 +144,16 @@ class PatchConv2d(PatchLayer):
             else:
                 band = F.pad(x, (0, 0, p, p))[:, :, r * h:(r + 1) * h + 2 * p]
         else:
-            above, below = self._halos(x)
+            above, below = self._halos(x, p)
             band = torch.cat([above, x, below], dim=2)
-        out = self._conv(band)
+        out = F.conv2d(band, module.weight, module.bias, module.stride, (0, module.padding[1]), module.dilation,
+                       module.groups)
         if self.role == "last":
             out = torch.cat(st.comm.all_gather(out, "output").wait(), dim=2)
         return out
 
-    def _halos(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        st, p = self._state, self.pad
+    def _halos(self, x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.state
         if st.config.mode == "naive":
             zeros = x.new_zeros(x.shape[0], x.shape[1], p, x.shape[3])
             return zeros, zeros
@@ -149,19 +161,19 @@ class PatchConv2d(PatchLayer):
         zeros = x.new_zeros(top.shape)
         r, n = st.rank, st.world_size
         if st.config.conditioning == "partial":  # PCPP transport: halos only to the two neighbours
-            def start():
+            def start() -> Pending:
                 return st.comm.neighbours(top, bottom, self.layer_id, "conv")
         else:  # DistriFusion transport: every band's top and bottom rows to every rank
-            def start():
+            def start() -> Pending:
                 return st.comm.all_gather(torch.stack([top, bottom]), "conv",
                                           finish=lambda rows: (rows[r - 1][1] if r > 0 else None,
                                                                rows[r + 1][0] if r < n - 1 else None))
-        above, below = self._exchange(start)
+        above, below = self._exchange(self._key(x), start)
         return (zeros if above is None else above), (zeros if below is None else below)
 
 
 class PatchGroupNorm(PatchLayer):
-    """DistriFusion GroupNorm: statistics over all bands (biased variance, like `nn.GroupNorm`).
+    """DistriFusion (arXiv 2402.19481) GroupNorm: statistics over all bands (biased variance, like `nn.GroupNorm`).
 
     Each band contributes (mean, variance) per sample and group; equal band sizes give the exact global
     mean = avg(mean_j) and variance = avg(var_j + (mean_j - mean)^2). Asynchronous steps use the other
@@ -170,8 +182,8 @@ class PatchGroupNorm(PatchLayer):
     global moments (local variance where the result is negative), "sync" exchanges fresh ones anyway.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gn, st = self.module, self._state
+    def new_forward(self, module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        gn, st = module, self.state
         b, c = x.shape[:2]
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
         xg = x.reshape(b, gn.num_groups, -1).to(stat_dtype)
@@ -182,10 +194,10 @@ class PatchGroupNorm(PatchLayer):
             mean, var = mean_l, var_l
         elif rule == "sync" or st.synchronous():
             stats = st.comm.all_gather(local, "norm").wait()
-            self._stale = Pending.done(stats)
+            self._stale[self._key(x)] = Pending.done(stats)
             mean, var = _combine(torch.stack(stats))
         else:
-            stale = self._exchange(lambda: st.comm.all_gather(local, "norm"))
+            stale = self._exchange(self._key(x), lambda: st.comm.all_gather(local, "norm"))
             stats = torch.stack(stale)
             if rule == "stale":
                 stats = stats.clone()
@@ -213,20 +225,21 @@ def _combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PatchSelfAttention(PatchLayer):
-    """DistriFusion self-attention: local queries attend to the keys/values of all bands (fresh local slot).
+    """DistriFusion (arXiv 2402.19481) self-attention: local queries attend to the keys/values of all bands.
 
     With conditioning="partial" (PCPP), after warm-up the context is the last floor(f*L) tokens of the
     band above, the local band and the first floor(f*L) tokens of the band below (L local tokens).
-    Mirrors diffusers' `AttnProcessor2_0`; a call with `encoder_hidden_states` goes to the original layer.
+    Mirrors diffusers' `AttnProcessor2_0`; a call with `encoder_hidden_states` runs the module as it is.
     """
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        attn = self.module
+    def new_forward(self, module: nn.Module, hidden_states: torch.Tensor,
+                    encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                    **kwargs: Any) -> torch.Tensor:
+        attn = module
         if encoder_hidden_states is not None:
-            return attn(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         if attention_mask is not None:
-            raise ValueError("patch-parallel self-attention does not support attention_mask.")
+            raise ValueError("patch-parallel self-attention does not support attention_mask: call the UNet without it.")
         residual = hidden_states
         input_ndim = hidden_states.ndim
         if input_ndim == 4:
@@ -259,17 +272,18 @@ class PatchSelfAttention(PatchLayer):
 
     def _context(self, kv: torch.Tensor) -> torch.Tensor:
         """Local keys+values (B, L, Ck+Cv) -> the context attended to (B, L_ctx, Ck+Cv)."""
-        st = self._state
+        st = self.state
         if st.config.mode == "naive":
             return kv
         r, n = st.rank, st.world_size
+        key = self._key(kv)
         if st.partial():
             k = max(1, int(st.config.partial_fraction * kv.shape[1]))
-            if not st.synchronous() and self._stale is not None:
-                self._stale = _as_neighbours(self._stale, r, n, k)
-            above, below = self._exchange(lambda: st.comm.neighbours(kv[:, :k], kv[:, -k:], self.layer_id, "attn"))
+            if not st.synchronous() and key in self._stale:
+                self._stale[key] = _as_neighbours(self._stale[key], r, n, k)
+            above, below = self._exchange(key, lambda: st.comm.neighbours(kv[:, :k], kv[:, -k:], self.layer_id, "attn"))
             return torch.cat([t for t in (above, kv, below) if t is not None], dim=1)
-        bands = list(self._exchange(lambda: st.comm.all_gather(kv, "attn")))
+        bands = list(self._exchange(key, lambda: st.comm.all_gather(kv, "attn")))
         bands[r] = kv
         return torch.cat(bands, dim=1)
 
@@ -331,8 +345,9 @@ def layer_plan(unet: nn.Module) -> list[LayerSpec]:
     """
     plan: list[LayerSpec] = []
     for name, module in unet.named_modules():
-        if isinstance(module, PatchLayer):
-            raise ValueError("this UNet is already patch parallel: call disable_patch_parallel first.")
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and any(isinstance(h, PatchLayer) for h in registry.hooks.values()):
+            raise ValueError("this UNet is already patch parallel: call fastdiff.remove(pipe, 'patch_parallel') first.")
         if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
             k, pad = module.kernel_size[0], module.padding
             if isinstance(pad, str) or pad[0] != k // 2 or k % 2 == 0 or module.dilation[0] != 1 \
