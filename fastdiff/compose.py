@@ -4,11 +4,11 @@ This module is the only place that knows how accelerators combine:
 
 - **the stacking order** (`ROLES`): on any module, hooks are registered innermost first in this order,
   whatever order the user applied the accelerators in (every apply / remove re-stacks them);
-- **the refusals** (`_refuse_pairs`, `check_call`): each with the reason a user would accept, raised as a
+- **the refusals** (`check_pairs`, `check_call`): each with the reason a user would accept, raised as a
   `ValueError` before any UNet call.
 
 Each accelerator module provides an `Attachment` (its hooks, per-call reset and release); this module
-registers them through `diffusers.hooks.HookRegistry`, under a `StepClock` (`fastdiff.hooks.steps`) that is
+registers them through `diffusers.hooks.HookRegistry`, under a `StepClock` (`fastdiff.clock`) that is
 the outermost hook of the UNet and the one source of "which step is this".
 """
 
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from fastdiff.hooks.steps import HOOK_NAME as CLOCK_NAME
-from fastdiff.hooks.steps import StepClock, step_clock
+from fastdiff.clock import HOOK_NAME as CLOCK_NAME
+from fastdiff.clock import StepClock, step_clock
 
 # Innermost first. On a module that several accelerators hook, an earlier role runs closer to the module's own
 # forward; later roles can short-circuit the earlier ones.
@@ -36,7 +36,7 @@ ROLES: tuple[str, ...] = (
     "patch_parallel.unet",  # split_cfg cuts the CFG batch before anything tiles it; bands ControlNet residuals
 )
 
-# config class name -> the module that turns it into an Attachment (`make_attachment(unet, config, clock, **options)`)
+# config class name -> the module whose `make_attachment(pipe_or_unet, unet, config, clock, ...)` attaches it
 FACTORIES: dict[str, str] = {
     "EncoderPropagationConfig": "fastdiff.hooks.encoder_propagation",
     "BlockSkipConfig": "fastdiff.hooks.block_skip",
@@ -95,8 +95,8 @@ def _unet(pipe_or_unet: Any) -> torch.nn.Module:
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     if not isinstance(unet, torch.nn.Module) or not hasattr(unet, "down_blocks"):
         raise ValueError(
-            f"fastdiff accelerators attach to a diffusers pipeline with a UNet (`pipe.unet`) or to the UNet itself; "
-            f"got {type(pipe_or_unet).__name__}."
+            f"fastdiff accelerators attach to a diffusers pipeline with a UNet2DConditionModel as `pipe.unet`, or "
+            f"to the UNet itself; got {type(pipe_or_unet).__name__}."
         )
     return unet
 
@@ -116,8 +116,15 @@ def attachments(pipe_or_unet: Any) -> dict[str, Attachment]:
     return dict(getattr(clock, "attachments", {})) if clock is not None else {}
 
 
-def _refuse_pairs(configs: dict[str, Any]) -> None:
-    """The pairs that cannot run together, each with its reason and its fix."""
+def check_pairs(configs: dict[str, Any] | list[Any]) -> None:
+    """Raise ValueError for accelerators that cannot run together, with the reason and the fix (configs by kind)."""
+    if isinstance(configs, list):
+        by_kind: dict[str, Any] = {}
+        for config in configs:
+            if _kind(config) in by_kind:
+                raise ValueError(f"{_kind(config)} is given twice: give each accelerator once.")
+            by_kind[_kind(config)] = config
+        configs = by_kind
     ep, bs = configs.get("encoder_propagation"), configs.get("block_skip")
     if ep is not None and bs is not None and ep.parallel:
         raise ValueError(
@@ -156,7 +163,7 @@ class Stack:
         self.remove()
 
 
-def apply(pipe_or_unet: Any, *configs: Any, scheduler: Any = None, **options: Any) -> Stack:
+def apply(pipe_or_unet: Any, *configs: Any, scheduler: Any = None, group: Any = None) -> Stack:
     """fastdiff: attach accelerators to a pipeline (or a UNet with `scheduler=`) in the one canonical stack.
 
     Args:
@@ -164,7 +171,7 @@ def apply(pipe_or_unet: Any, *configs: Any, scheduler: Any = None, **options: An
             `UNet2DConditionModel` itself together with `scheduler`.
         *configs: `EncoderPropagationConfig`, `BlockSkipConfig`, `PatchParallelConfig`, at most one of each.
         scheduler: the scheduler driving a bare UNet (with a pipeline, its current `.scheduler` is used).
-        **options: passed to the accelerator that takes them (`group=` for patch parallelism).
+        group: patch parallelism's process group (None: the default group), or a ready `Communicator`.
 
     Returns:
         A `Stack` handle: `handle.remove()`, or use it as a context manager; `handle["patch_parallel"]`.
@@ -189,7 +196,7 @@ def apply(pipe_or_unet: Any, *configs: Any, scheduler: Any = None, **options: An
         if kind in wanted or kind in current:
             raise ValueError(f"{kind} is already applied: call fastdiff.remove(pipe, {kind!r}) first.")
         wanted[kind] = config
-    _refuse_pairs({**{k: a.config for k, a in current.items()}, **wanted})
+    check_pairs({**{k: a.config for k, a in current.items()}, **wanted})
     scheduler_of = _scheduler_of(pipe_or_unet, unet, scheduler)
     if scheduler_of is None and clock is None:
         raise ValueError("a bare UNet needs the scheduler that drives it: fastdiff.apply(unet, config, scheduler=...).")
@@ -200,6 +207,7 @@ def apply(pipe_or_unet: Any, *configs: Any, scheduler: Any = None, **options: An
     try:
         for kind, config in wanted.items():
             module = importlib.import_module(FACTORIES[type(config).__name__])
+            options = {"group": group} if kind == "patch_parallel" else {}
             made[kind] = module.make_attachment(pipe_or_unet, unet, config, new_clock, **options)
     except BaseException:
         for attachment in made.values():

@@ -266,16 +266,11 @@ def test_method_errors(monkeypatch, tmp_path):
         MethodSpec(name="x", timesteps=[10, 500])
     with pytest.raises(ValueError, match="does not exist"):
         MethodSpec(name="x", schedule=str(tmp_path / "nope.json"))
-    import fastdiff.schedulers
-
-    monkeypatch.delattr(fastdiff.schedulers, "DPMSolverPlusPlusScheduler", raising=False)
-    with pytest.raises(ValueError, match="not available yet"):
-        MethodSpec(name="x", scheduler="DPMSolverPlusPlusScheduler", steps=10)
-    from fastdiff.eval import methods
-
-    monkeypatch.setitem(methods.ACCELERATORS, "svdd", ("fastdiff._not_landed", ("SVDDConfig",), "SVDD guidance"))
-    with pytest.raises(ValueError, match="SVDD guidance is not available yet"):
-        MethodSpec(name="x", steps=10, svdd={"reward": "jpeg_compressibility"})
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node 2"):
+        MethodSpec(name="x", steps=10, patch_parallel={"mode": "sync"})
+    with pytest.raises(ValueError, match="parallel decoding"):
+        MethodSpec(name="x", steps=10, encoder_propagation={"key_steps": 2, "parallel": True},
+                   block_skip={"skips": [[1, 0]]})
 
 
 def test_n_and_batch_errors(pipe, tmp_path):
@@ -308,7 +303,7 @@ def test_composes_with_block_skip(pipe, tmp_path):
     np.testing.assert_array_equal(_pixels(tmp_path / "before"), _pixels(tmp_path / "after"))
     with pytest.raises(ValueError, match="bad block_skip options"):
         MethodSpec(name="x", steps=4, block_skip={"skip": [[1, 0]]})
-    with pytest.raises(ValueError, match="parallel = false"):
+    with pytest.raises(ValueError, match="parallel=False"):
         MethodSpec(name="x", steps=4, block_skip={"skips": [[1, 0]]}, encoder_propagation={"key_steps": 2,
                                                                                           "parallel": True})
 

@@ -124,7 +124,7 @@ def test_cfg_candidate_rows_match_per_image_guidance(tiny_sd):
     owner = torch.arange(2).repeat_interleave(m)
     latents = torch.randn(2 * m, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     t = prep.timesteps[0]
-    batched = prep.denoiser(latents, t, owner, max_batch=4)  # chunks cross the image boundary
+    batched = prep.denoiser(latents, 0, t, owner, max_batch=4)  # chunks cross the image boundary
     for row in range(2 * m):
         cond, uncond = tiny_sd.encode_prompt(prompts[owner[row]], "cpu", 1, True)
         out = tiny_sd.unet(torch.cat([latents[row : row + 1]] * 2), t,

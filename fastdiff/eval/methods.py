@@ -14,8 +14,9 @@ A method is one row of a sweep (`[[methods]]` in a sweep TOML, or flags of `fast
     patch_parallel = { mode = "async", warmup_steps = 4 }           # fastdiff.parallel (DistriFusion / PCPP)
     svdd = { reward = "jpeg_compressibility", num_candidates = 8 }  # fastdiff.guidance (SVDD)
 
-Accelerators are applied only through their public API (DESIGN.md) and imported lazily; a method that
-names one whose module is not importable yet is rejected with a clear error at validation time.
+Accelerator tables become their configs when the method is read (so a bad option, a refused pair or a
+patch-parallel row outside torchrun fails before any work), and `MethodSpec.apply` attaches them all with
+the one door, `fastdiff.apply`, which holds the stacking order and the refusals (fastdiff/compose.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import difflib
 import importlib
 import inspect
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,49 +36,28 @@ __all__ = ["MethodSpec", "method_from_dict", "scheduler_class", "FASTDIFF_SCHEDU
 
 FASTDIFF_SCHEDULERS = ("DPMSolverPlusPlusScheduler", "DPMSolverPlusPlusSinglestepScheduler")
 
-# accelerator key -> (module, names it must export, how to describe it)
-ACCELERATORS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "encoder_propagation": (
-        "fastdiff.hooks",
-        ("EncoderPropagationConfig", "encoder_propagation"),
-        "encoder propagation",
-    ),
-    "block_skip": (
-        "fastdiff.hooks",
-        ("BlockSkipConfig", "block_skip"),
-        "layer skipping",
-    ),
-    "patch_parallel": (
-        "fastdiff.parallel",
-        ("PatchParallelConfig", "enable_patch_parallel", "disable_patch_parallel"),
-        "patch parallelism",
-    ),
-    "svdd": ("fastdiff.guidance", ("SVDDConfig", "svdd_sample", "rewards"), "SVDD guidance"),
+# method key -> (module, config class); svdd is a sampling loop, the others attach through fastdiff.apply
+ACCELERATORS: dict[str, tuple[str, str]] = {
+    "encoder_propagation": ("fastdiff.hooks", "EncoderPropagationConfig"),
+    "block_skip": ("fastdiff.hooks", "BlockSkipConfig"),
+    "patch_parallel": ("fastdiff.parallel", "PatchParallelConfig"),
+    "svdd": ("fastdiff.guidance", "SVDDConfig"),
 }
 
 
-def _import_accelerator(key: str):
-    module_name, names, what = ACCELERATORS[key]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"method option {key!r}: {what} is not available yet ({module_name}: {err}).") from err
-    missing = [n for n in names if not hasattr(module, n)]
-    if missing:
-        raise ValueError(
-            f"method option {key!r}: {what} is not available yet in fastdiff ({module_name} lacks "
-            f"{', '.join(missing)}); remove the option from the method."
-        )
-    return module
+def _world_size() -> int:
+    """Processes of this run: torchrun's WORLD_SIZE, or an initialised process group's size."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def scheduler_class(name: str):
     """The scheduler class called `name`: fastdiff's DPM-Solver++ schedulers or any diffusers scheduler."""
     if name in FASTDIFF_SCHEDULERS:
-        try:
-            return getattr(importlib.import_module("fastdiff.schedulers"), name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"scheduler {name!r} is not available yet in fastdiff.schedulers.") from err
+        return getattr(importlib.import_module("fastdiff.schedulers"), name)
     import diffusers
     from diffusers import SchedulerMixin
 
@@ -148,16 +129,21 @@ class MethodSpec:
                 f"method {self.name!r}: {self.scheduler}.set_timesteps takes no custom timesteps; use steps, or a "
                 "scheduler that does (DDPMScheduler, DPMSolverMultistepScheduler, fastdiff's DPM-Solver++)."
             )
-        for key in ACCELERATORS:
-            options = getattr(self, key)
-            if options is None:
-                continue
-            if not isinstance(options, dict):
+        for key in self.accelerators:
+            if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"method {self.name!r}: {key} must be a table of options.")
-            self._accelerator_config(key)  # imports and validates the options now
-        if self.block_skip is not None and (self.encoder_propagation or {}).get("parallel"):
-            raise ValueError(f"method {self.name!r}: block_skip cannot be combined with parallel encoder propagation; "
-                             "set encoder_propagation.parallel = false.")
+        configs = self.accelerator_configs()  # builds and validates every option now
+        from fastdiff.compose import check_pairs
+
+        try:
+            check_pairs(configs)
+        except ValueError as err:
+            raise ValueError(f"method {self.name!r}: {err}") from None
+        if self.patch_parallel is not None and _world_size() < 2:
+            raise ValueError(
+                f"method {self.name!r} uses patch_parallel, which splits each image over several processes: launch "
+                "with `torchrun --nproc_per_node 2 -m fastdiff.cli -- eval sweep ...` (or drop patch_parallel)."
+            )
 
     # -- what the sampler needs ------------------------------------------------------------------
     def sampling_timesteps(self) -> list[int] | None:
@@ -175,15 +161,12 @@ class MethodSpec:
         return [k for k in ACCELERATORS if getattr(self, k) is not None]
 
     def _accelerator_config(self, key: str):
-        module = _import_accelerator(key)
+        module_name, class_name = ACCELERATORS[key]
+        module = importlib.import_module(module_name)
         options = dict(getattr(self, key))
         try:
-            if key == "encoder_propagation":
-                return module.EncoderPropagationConfig(**options)
-            if key == "block_skip":
-                return module.BlockSkipConfig(**options)
-            if key == "patch_parallel":
-                return module.PatchParallelConfig(**options)
+            if key != "svdd":
+                return getattr(module, class_name)(**options)
             reward = options.pop("reward", None)
             if not isinstance(reward, str) or not callable(getattr(module.rewards, reward, None)):
                 raise ValueError(
@@ -192,6 +175,10 @@ class MethodSpec:
             return getattr(module.rewards, reward), module.SVDDConfig(**options)
         except TypeError as err:
             raise ValueError(f"method {self.name!r}: bad {key} options {options}: {err}.") from err
+
+    def accelerator_configs(self) -> list[Any]:
+        """The configs that `fastdiff.apply` attaches (every accelerator but SVDD, which is a sampling loop)."""
+        return [self._accelerator_config(key) for key in self.accelerators if key != "svdd"]
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) not in (None, {})}
@@ -203,22 +190,13 @@ class MethodSpec:
         `sample` calls `pipe(...)` (or `svdd_sample(pipe, ...)`) with the method's steps or timesteps,
         guidance and eta added to the given keyword arguments.
         """
+        from fastdiff.compose import apply
+
         original = pipe.scheduler
         pipe.scheduler = scheduler_class(self.scheduler).from_config(original.config, **self.scheduler_kwargs)
         try:
-            with contextlib.ExitStack() as stack:
-                if self.encoder_propagation is not None:
-                    hooks = _import_accelerator("encoder_propagation")
-                    stack.enter_context(
-                        hooks.encoder_propagation(pipe, self._accelerator_config("encoder_propagation"))
-                    )
-                if self.block_skip is not None:
-                    hooks = _import_accelerator("block_skip")
-                    stack.enter_context(hooks.block_skip(pipe, self._accelerator_config("block_skip")))
-                if self.patch_parallel is not None:
-                    parallel = _import_accelerator("patch_parallel")
-                    parallel.enable_patch_parallel(pipe, self._accelerator_config("patch_parallel"))
-                    stack.callback(parallel.disable_patch_parallel, pipe)
+            configs = self.accelerator_configs()
+            with apply(pipe, *configs) if configs else contextlib.nullcontext():
                 yield self._sampler(pipe)
         finally:
             pipe.scheduler = original
@@ -239,7 +217,7 @@ class MethodSpec:
             extra["eta"] = self.eta
         if self.svdd is None:
             return lambda **kwargs: pipe(**kwargs, **extra)
-        guidance = _import_accelerator("svdd")
+        guidance = importlib.import_module("fastdiff.guidance")
         reward_fn, config = self._accelerator_config("svdd")
         return lambda **kwargs: guidance.svdd_sample(pipe, reward_fn=reward_fn, config=config, **kwargs, **extra)
 

@@ -25,6 +25,8 @@ from typing import Any, Literal
 import torch
 from diffusers.utils import BaseOutput
 
+from fastdiff.clock import end_call, pinned_step
+from fastdiff.compose import check_call
 from fastdiff.guidance.rewards import validate_reward
 
 __all__ = ["SVDDConfig", "SVDDOutput", "svdd_sample", "select_candidates", "predict_x0", "decode_latents"]
@@ -161,13 +163,15 @@ class _GuidedDenoiser:
             kwargs["added_cond_kwargs"] = {k: rows[k] for k in self.added}
         return kwargs
 
-    def __call__(self, latents: torch.Tensor, t, owner: torch.Tensor, max_batch: int | None) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, step: int, t, owner: torch.Tensor, max_batch: int | None) -> torch.Tensor:
+        """Guided model output at denoising `step` (timestep `t`); each chunk of rows is its own pinned UNet call."""
         outs = []
         for sl in _chunks(len(latents), max_batch):
             x = latents[sl]
             model_in = torch.cat([x] * 2) if self.uncond is not None else x
             model_in = self.scheduler.scale_model_input(model_in, t)
-            out = self.unet(model_in, t, **self._unet_kwargs(owner[sl]), return_dict=False)[0]
+            with pinned_step(self.unet, step, chunk=sl.start):
+                out = self.unet(model_in, t, **self._unet_kwargs(owner[sl]), return_dict=False)[0]
             self.calls += 1
             if self.uncond is not None:
                 out_uncond, out_cond = out.chunk(2)
@@ -343,23 +347,6 @@ def _reindex_history(scheduler, rows: torch.Tensor, size: int) -> None:
                                       for v in value])
 
 
-def _check_encoder_propagation(unet, config: SVDDConfig, batch: int) -> None:
-    """Encoder propagation (fastdiff.hooks) assumes one UNet call per step on a fixed batch: reject what breaks it."""
-    from fastdiff.hooks.encoder_propagation import HOOK_NAME
-
-    registry = getattr(unet, "_diffusers_hook", None)
-    if registry is None or registry.get_hook(HOOK_NAME) is None:
-        return
-    if config.variant == "pm" and config.num_candidates > 1:
-        raise ValueError(
-            "encoder propagation caches UNet features per step for a fixed batch, but SVDD-PM with M > 1 runs the "
-            "UNet on the B*M candidates: use variant='mc' (one UNet call per step on the kept samples), M = 1, "
-            "or remove_encoder_propagation(pipe) first."
-        )
-    if config.max_batch is not None and config.max_batch < batch:
-        raise ValueError(f"with encoder propagation, max_batch must be >= the batch size ({batch}) or None.")
-
-
 def _warn_if_identical(children: torch.Tensor, batch: int, num_candidates: int) -> None:
     grouped = children.reshape(batch, num_candidates, -1)
     if num_candidates > 1 and torch.equal(grouped, grouped[:, :1].expand_as(grouped)):
@@ -417,7 +404,7 @@ def svdd_sample(pipe, reward_fn: RewardFn, config: SVDDConfig | None = None, **p
     m, max_batch = config.num_candidates, config.max_batch
     latents, timesteps = prep.latents, prep.timesteps
     batch, num_steps = len(latents), len(timesteps)
-    _check_encoder_propagation(pipe.unet, config, batch)
+    check_call(pipe, varying_batch=config.variant == "pm" and m > 1)  # accelerators refuse before any UNet call
     step_kwargs = _step_kwargs(scheduler, prep.generator, prep.eta, m)
     owner = torch.arange(batch, device=latents.device)
     owner_children = owner.repeat_interleave(m)
@@ -438,7 +425,7 @@ def svdd_sample(pipe, reward_fn: RewardFn, config: SVDDConfig | None = None, **p
         return torch.cat(values)
 
     evaluations = 0
-    model_output = denoiser(latents, timesteps[0], owner, max_batch)
+    model_output = denoiser(latents, 0, timesteps[0], owner, max_batch)
     evaluations += batch
     candidate_values, choices = [], []
     if config.show_progress:
@@ -461,7 +448,7 @@ def svdd_sample(pipe, reward_fn: RewardFn, config: SVDDConfig | None = None, **p
                 values = reward_of(children)
             elif config.variant == "pm":
                 t_next = timesteps[i + 1]
-                child_outputs = denoiser(children, t_next, owner_children, max_batch)
+                child_outputs = denoiser(children, i + 1, t_next, owner_children, max_batch)
                 evaluations += len(children)
                 values = reward_of(predict_x0(scheduler, child_outputs, children, t_next))
             else:
@@ -477,12 +464,13 @@ def svdd_sample(pipe, reward_fn: RewardFn, config: SVDDConfig | None = None, **p
                 if child_outputs is not None:
                     model_output = child_outputs[rows]  # reused: no extra UNet call
                 else:
-                    model_output = denoiser(latents, timesteps[i + 1], owner, max_batch)
+                    model_output = denoiser(latents, i + 1, timesteps[i + 1], owner, max_batch)
                     evaluations += batch
             candidate_values.append(values.cpu())
             choices.append(choice.cpu())
             bar.update()
 
+    end_call(pipe)
     pipe.maybe_free_model_hooks()
     candidate_values = torch.stack(candidate_values)
     choices = torch.stack(choices)

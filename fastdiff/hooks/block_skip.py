@@ -21,13 +21,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from fastdiff.hooks.encoder_propagation import HOOK_NAME as PROPAGATION_HOOK
-from fastdiff.hooks.steps import StepCounter
-
-HOOK_NAME = "fastdiff_block_skip"
+from fastdiff.clock import StepClock
+from fastdiff.compose import Attachment, HookSpec
 
 
 def skippable_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -92,45 +90,16 @@ class BlockSkipConfig:
         return {layer: frozenset(steps) for layer, steps in out.items()}
 
 
-class _StepCounterHook(ModelHook):
-    """Counts the UNet calls of one pipeline call so that the layer hooks know the step."""
-
-    _is_stateful = True
-
-    def __init__(self, counter: StepCounter, skip_steps: frozenset[int]) -> None:
-        super().__init__()
-        self.counter = counter
-        self.skip_steps = skip_steps
-
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        counter = self.counter
-        if counter.sync():
-            num_steps = counter.num_steps
-            late = sorted(s for s in self.skip_steps if s >= num_steps)
-            if late:
-                counter.forget()
-                raise ValueError(f"skip steps {late} are out of range for {num_steps} steps "
-                                 f"(indices 0-{num_steps - 1}).")
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            counter.advance()
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.counter.forget()
-        return module
-
-
 class _LayerSkipHook(ModelHook):
     """AutoDiffusion layer skip: at the chosen steps, the layer's shortcut instead of the layer."""
 
-    def __init__(self, counter: StepCounter, steps: frozenset[int]) -> None:
+    def __init__(self, clock: StepClock, steps: frozenset[int]) -> None:
         super().__init__()
-        self.counter = counter
+        self.clock = clock
         self.steps = steps  # the steps that skip this layer
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        if self.counter.step not in self.steps:
+        if self.clock.step not in self.steps:
             return self.fn_ref.original_forward(*args, **kwargs)
         hidden = args[0] if args else kwargs.get("input_tensor", kwargs.get("hidden_states"))
         if hasattr(module, "conv_shortcut"):  # ResnetBlock2D
@@ -151,14 +120,45 @@ def resnet_shortcut(resnet: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x / resnet.output_scale_factor
 
 
+class BlockSkipAttachment(Attachment):
+    """AutoDiffusion block skipping as attached by `fastdiff.apply`: one hook per listed layer, steps from the clock."""
+
+    kind = "block_skip"
+
+    def __init__(self, config: BlockSkipConfig, layers: list[tuple[str, torch.nn.Module]], clock: StepClock) -> None:
+        super().__init__(config)
+        self.layers, self.clock = layers, clock
+
+    def hooks(self) -> list[HookSpec]:
+        return [HookSpec("block_skip.layers", self.layers[layer][1], _LayerSkipHook(self.clock, steps))
+                for layer, steps in self.config.steps_by_layer().items()]
+
+    def on_new_call(self) -> None:
+        num_steps = self.clock.num_steps
+        late = sorted({s for s, _ in self.config.skips if s >= num_steps})
+        if late:
+            raise ValueError(f"skip steps {late} are out of range for {num_steps} steps (indices 0-{num_steps - 1}).")
+
+
+def make_attachment(pipe_or_unet, unet: torch.nn.Module, config: BlockSkipConfig,
+                    clock: StepClock) -> BlockSkipAttachment:
+    """AutoDiffusion block skipping for `fastdiff.apply`: check the layer ids against this UNet."""
+    layers = skippable_layers(unet)
+    bad = sorted({layer for _, layer in config.skips if layer >= len(layers)})
+    if bad:
+        raise ValueError(f"layer ids {bad} are out of range: this UNet has {len(layers)} skippable layers "
+                         f"(0-{len(layers) - 1}, see skippable_layers).")
+    return BlockSkipAttachment(config, layers, clock)
+
+
 def apply_block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> None:
-    """AutoDiffusion (arXiv 2309.10438) stage 2: skip `config.skips` layers at their steps, via HookRegistry.
+    """AutoDiffusion (arXiv 2309.10438) stage 2: skip `config.skips` layers at their steps; `fastdiff.apply`.
 
     Args:
         pipe_or_unet: a pipeline with `.unet` (a `UNet2DConditionModel`) and `.scheduler`, or the UNet with
             `scheduler`.
         config (`BlockSkipConfig`): the (step, layer id) pairs; layer ids index `skippable_layers(unet)`.
-        scheduler: the scheduler driving the UNet; taken from the pipeline when a pipeline is given.
+        scheduler: the scheduler driving a bare UNet; with a pipeline, its current `.scheduler` is read at every call.
 
     Example:
         >>> from fastdiff.testing import tiny_sd_pipeline
@@ -167,41 +167,18 @@ def apply_block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> N
         >>> image = pipe("a red cube", num_inference_steps=5, height=64, width=64).images[0]
         >>> remove_block_skip(pipe)
     """
+    from fastdiff.compose import apply
+
     if not isinstance(config, BlockSkipConfig):
         raise ValueError("config must be a BlockSkipConfig.")
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    if scheduler is None and unet is not pipe_or_unet:
-        scheduler = getattr(pipe_or_unet, "scheduler", None)
-    layers = skippable_layers(unet)
-    if scheduler is None or not hasattr(scheduler, "timesteps"):
-        raise ValueError("block skipping needs the scheduler driving the UNet: pass scheduler=... with a UNet.")
-    bad = sorted({layer for _, layer in config.skips if layer >= len(layers)})
-    if bad:
-        raise ValueError(f"layer ids {bad} are out of range: this UNet has {len(layers)} skippable layers "
-                         f"(0-{len(layers) - 1}, see skippable_layers).")
-    registry = HookRegistry.check_if_exists_or_initialize(unet)
-    if registry.get_hook(HOOK_NAME) is not None:
-        raise ValueError("block skipping is already applied: call remove_block_skip first.")
-    propagation = registry.get_hook(PROPAGATION_HOOK)
-    if propagation is not None and propagation.state.config.parallel:
-        raise ValueError("block skipping cannot follow parallel decoding: the batched decoders of later steps would "
-                         "skip this step's layers. Use EncoderPropagationConfig(parallel=False) with it.")
-    counter = StepCounter(scheduler)
-    for layer, steps in config.steps_by_layer().items():
-        hook = _LayerSkipHook(counter, steps)
-        HookRegistry.check_if_exists_or_initialize(layers[layer][1]).register_hook(hook, HOOK_NAME)
-    registry.register_hook(_StepCounterHook(counter, frozenset(s for s, _ in config.skips)), HOOK_NAME)
-    registry.invalidate_child_registries_cache()
+    apply(pipe_or_unet, config, scheduler=scheduler)
 
 
 def remove_block_skip(pipe_or_unet) -> None:
-    """AutoDiffusion block skipping: detach every hook `apply_block_skip` attached."""
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    registry = getattr(unet, "_diffusers_hook", None)
-    if registry is None or registry.get_hook(HOOK_NAME) is None:
-        return
-    registry.remove_hook(HOOK_NAME, recurse=True)
-    registry.invalidate_child_registries_cache()
+    """AutoDiffusion block skipping: `fastdiff.remove(pipe_or_unet, "block_skip")`."""
+    from fastdiff.compose import remove
+
+    remove(pipe_or_unet, "block_skip")
 
 
 @contextlib.contextmanager

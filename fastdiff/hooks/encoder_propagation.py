@@ -34,11 +34,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
-from fastdiff.hooks.steps import StepCounter
-
-HOOK_NAME = "fastdiff_encoder_propagation"
+from fastdiff.clock import StepClock
+from fastdiff.compose import Attachment, HookSpec
 
 # preset -> (the step count it was written for, its key step indices); Faster Diffusion's key steps.
 PRESETS: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -175,48 +174,49 @@ def _with_sample(output: Any, sample: torch.Tensor) -> Any:
     return type(output)(sample=sample)
 
 
-class _PropagationState:
-    """Per-pipeline-call state shared by the UNet, encoder-part and ControlNet hooks."""
+class _ChunkCache:
+    """What one row chunk of the running call keeps between its steps (one chunk unless a loop pins several)."""
 
-    def __init__(self, config: EncoderPropagationConfig, scheduler) -> None:
-        self.config = config
-        self.counter = StepCounter(scheduler)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the running call and everything it cached."""
-        self.counter.forget()
-        self._clear()
-
-    def _clear(self) -> None:
-        self.keys: frozenset[int] = frozenset()
-        self.mode: Literal["off", "record", "serve", "tile"] = "off"
-        self.repeat = 1
+    def __init__(self) -> None:
         self.features: dict[str, Any] = {}
         self.residuals: dict[str, Any] = {}
         self.decoded: dict[int, tuple[float, torch.Tensor]] = {}
         self.z_T: torch.Tensor | None = None
         self.controlnet_output: Any = None
 
-    def sync(self) -> int:
-        """Start a new call when the scheduler's timesteps changed (set_timesteps ran); return the step index."""
-        counter = self.counter
-        if counter.sync():
-            try:
-                keys = frozenset(key_step_indices(self.config.key_steps, counter.num_steps))
-            except ValueError:
-                counter.forget()
-                raise
-            self._clear()
-            self.keys = keys
-        return counter.step
+
+class _PropagationState:
+    """Per-pipeline-call state shared by the UNet, encoder-part and ControlNet hooks; steps come from the clock."""
+
+    def __init__(self, config: EncoderPropagationConfig, clock: StepClock) -> None:
+        self.config = config
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything the running call cached."""
+        self.keys: frozenset[int] = frozenset()
+        self.mode: Literal["off", "record", "serve", "tile"] = "off"
+        self.repeat = 1
+        self.chunks: dict[Any, _ChunkCache] = {}
+
+    def on_new_call(self) -> None:
+        """A pipeline call starts: its key steps for its step count (raises ValueError before any UNet call)."""
+        self.reset()
+        self.keys = frozenset(key_step_indices(self.config.key_steps, self.clock.num_steps))
+
+    @property
+    def cache(self) -> _ChunkCache:
+        """The cache of the row chunk the clock says is running."""
+        return self.chunks.setdefault(self.clock.chunk, _ChunkCache())
 
     def injection(self, step: int, timestep) -> float | None:
         """The model-output coefficient of noise injection at this step, or None when it does not apply."""
         alpha = self.config.noise_injection_alpha
         if alpha == 0 or float(timestep) >= self.config.noise_injection_tau:
             return None
-        scheduler = self.counter.scheduler
+        clock = self.clock
+        scheduler = clock.scheduler
         alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
         if alphas_cumprod is None or float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
             raise ValueError(
@@ -228,8 +228,8 @@ class _PropagationState:
             raise ValueError(f"noise injection is implemented for epsilon and v prediction, not {prediction!r}: "
                              "set noise_injection_alpha=0.")
         alpha_bar_t = float(alphas_cumprod[int(timestep)])
-        if step + 1 < self.counter.num_steps:
-            alpha_bar_prev = float(alphas_cumprod[int(self.counter.timesteps[step + 1])])
+        if step + 1 < clock.num_steps:
+            alpha_bar_prev = float(alphas_cumprod[int(clock.timesteps[step + 1])])
         else:
             alpha_bar_prev = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
         coefficient = injection_eps_coefficient if prediction == "epsilon" else injection_v_coefficient
@@ -247,32 +247,25 @@ class EncoderPartHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         mode = self.state.mode
         if mode == "serve":
-            return self.state.features[self.slot]
+            return self.state.cache.features[self.slot]
         if mode == "tile":
-            return _tile(self.state.features[self.slot], self.state.repeat)
+            return _tile(self.state.cache.features[self.slot], self.state.repeat)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if mode == "record":
-            self.state.features[self.slot] = output
+            self.state.cache.features[self.slot] = output
         return output
 
 
 class EncoderPropagationHook(ModelHook):
-    """Faster Diffusion encoder propagation on a UNet2DConditionModel: counts steps, runs key / non-key forwards."""
-
-    _is_stateful = True
+    """Faster Diffusion encoder propagation on a UNet2DConditionModel: key / non-key forwards at the clock's step."""
 
     def __init__(self, state: _PropagationState) -> None:
         super().__init__()
         self.state = state
         self.signature: inspect.Signature | None = None
-        self.controlnet: torch.nn.Module | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.signature = inspect.signature(module.forward)
-        return module
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.reset()
         return module
 
     def _run(self, mode: str, call: dict[str, Any], repeat: int = 1):
@@ -284,36 +277,33 @@ class EncoderPropagationHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state = self.state
-        step = state.sync()
-        bound = self.signature.bind(*args, **kwargs)
-        call = dict(bound.arguments)
+        step = state.clock.step
+        cache = state.cache
+        call = dict(self.signature.bind(*args, **kwargs).arguments)
         sample, timestep = call["sample"], call["timestep"]
         if step == 0:
-            state.z_T = sample.detach().clone()
+            cache.z_T = sample.detach().clone()
         coefficient = state.injection(step, timestep)
         if coefficient is not None:
-            if state.z_T is None or state.z_T.shape != sample.shape:
+            if cache.z_T is None or cache.z_T.shape != sample.shape:
                 raise ValueError("noise injection needs the same UNet batch at every step of a call.")
-            delta = state.config.noise_injection_alpha * state.z_T
-            call["sample"] = sample + delta
+            call["sample"] = sample + state.config.noise_injection_alpha * cache.z_T
 
-        if step in state.keys:
-            state.residuals = {k: call.get(k) for k in _RESIDUAL_KEYS}
+        if step in state.keys or not cache.features:
+            cache.residuals = {k: call.get(k) for k in _RESIDUAL_KEYS}
             output = self._run("record", call)
             if state.config.parallel:
                 self._decode_group(call, step)
-        elif step in state.decoded and state.decoded[step][0] == float(timestep):
-            output = _with_sample(self._output_template(call), state.decoded.pop(step)[1])
+        elif step in cache.decoded and cache.decoded[step][0] == float(timestep):
+            output = _with_sample(self._output_template(call), cache.decoded.pop(step)[1])
         else:
-            call.update(state.residuals)
+            call.update(cache.residuals)
             if "down_intrablock_additional_residuals" in call:
                 call["down_intrablock_additional_residuals"] = None  # already inside the recorded features
             output = self._run("serve", call)
 
         if coefficient is not None:
-            output = _with_sample(output, output[0] + coefficient * state.z_T)
-        if state.counter.advance():
-            state.reset()
+            output = _with_sample(output, output[0] + coefficient * cache.z_T)
         return output
 
     @staticmethod
@@ -325,8 +315,9 @@ class EncoderPropagationHook(ModelHook):
     def _decode_group(self, call: dict[str, Any], key: int) -> None:
         """Run the decoders of the non-key steps after `key` in batched passes; keep their outputs by step."""
         state = self.state
+        cache = state.cache
         group = []
-        for j in range(key + 1, state.counter.num_steps):
+        for j in range(key + 1, state.clock.num_steps):
             if j in state.keys:
                 break
             group.append(j)
@@ -336,23 +327,21 @@ class EncoderPropagationHook(ModelHook):
         for start in range(0, len(group), chunk):
             steps = group[start : start + chunk]
             m = len(steps)
-            timesteps = state.counter.timesteps[steps].to(sample.device)
+            timesteps = state.clock.timesteps[steps].to(sample.device)
             tiled = {k: _tile_batch(v, batch, m) for k, v in call.items() if k not in ("sample", "timestep")}
-            tiled.update({k: _tile(v, m) for k, v in state.residuals.items()})
-            tiled["sample"] = sample[:1].expand(m * batch, *sample.shape[1:])
+            tiled.update({k: _tile(v, m) for k, v in cache.residuals.items()})
+            tiled["sample"] = sample[:1].expand(m * batch, *sample.shape[1:])  # never read: the encoder is replayed
             tiled["timestep"] = timesteps.repeat_interleave(batch)
             tiled["return_dict"] = False
             if "down_intrablock_additional_residuals" in tiled:
                 tiled["down_intrablock_additional_residuals"] = None
             out = self._run("tile", tiled, repeat=m)[0]
             for j, t, piece in zip(steps, timesteps.tolist(), out.chunk(m)):
-                state.decoded[j] = (float(t), piece)
+                cache.decoded[j] = (float(t), piece)
 
 
 class ControlNetPropagationHook(ModelHook):
     """Faster Diffusion for ControlNet: run the ControlNet at key steps only, replay its residuals otherwise."""
-
-    _is_stateful = True
 
     def __init__(self, state: _PropagationState) -> None:
         super().__init__()
@@ -363,50 +352,82 @@ class ControlNetPropagationHook(ModelHook):
         self.signature = inspect.signature(module.forward)
         return module
 
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.reset()
-        return module
-
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state = self.state
-        step = state.sync()
-        if step not in state.keys and state.controlnet_output is not None:
-            return state.controlnet_output
+        step = state.clock.sync()  # the ControlNet runs before the UNet call of its step
+        cache = state.cache
+        if step not in state.keys and cache.controlnet_output is not None:
+            return cache.controlnet_output
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if state.z_T is not None and state.injection(step, timestep) is not None:
+        if cache.z_T is not None and state.injection(step, timestep) is not None:
             call = dict(self.signature.bind(*args, **kwargs).arguments)
             sample = call["sample"]
-            call["sample"] = sample + state.config.noise_injection_alpha * state.z_T[: sample.shape[0]]
+            call["sample"] = sample + state.config.noise_injection_alpha * cache.z_T[: sample.shape[0]]
             args, kwargs = (), call
-        state.controlnet_output = self.fn_ref.original_forward(*args, **kwargs)
-        return state.controlnet_output
+        cache.controlnet_output = self.fn_ref.original_forward(*args, **kwargs)
+        return cache.controlnet_output
 
 
-def _components(pipe_or_unet, scheduler) -> tuple[torch.nn.Module, Any, torch.nn.Module | None]:
+class EncoderPropagationAttachment(Attachment):
+    """Faster Diffusion encoder propagation as attached by `fastdiff.apply`: its hooks and per-call state."""
+
+    kind = "encoder_propagation"
+
+    def __init__(self, config: EncoderPropagationConfig, unet: torch.nn.Module, controlnet, clock: StepClock) -> None:
+        super().__init__(config)
+        self.unet, self.controlnet = unet, controlnet
+        self.state = _PropagationState(config, clock)
+
+    def hooks(self) -> list[HookSpec]:
+        unet, state = self.unet, self.state
+        parts = [("conv_in", unet.conv_in)]
+        parts += [(f"down_blocks.{i}", block) for i, block in enumerate(unet.down_blocks)]
+        if unet.mid_block is not None:
+            parts.append(("mid_block", unet.mid_block))
+        specs = [HookSpec("encoder_propagation.encoder", module, EncoderPartHook(state, slot))
+                 for slot, module in parts]
+        specs.append(HookSpec("encoder_propagation.unet", unet, EncoderPropagationHook(state)))
+        if self.controlnet is not None:
+            specs.append(HookSpec("encoder_propagation.controlnet", self.controlnet, ControlNetPropagationHook(state)))
+        return specs
+
+    def on_new_call(self) -> None:
+        self.state.on_new_call()
+
+    def check_call(self, *, varying_batch: bool) -> None:
+        if varying_batch:
+            raise ValueError(
+                "encoder propagation replays each image's encoder features at later steps, but this loop changes "
+                "the UNet batch between steps (SVDD-PM with M > 1 runs the UNet on the B*M candidates): use "
+                "SVDDConfig(variant='mc') or num_candidates=1, or fastdiff.remove(pipe, 'encoder_propagation') first."
+            )
+
+    def close(self) -> None:
+        self.state.reset()
+
+
+def make_attachment(pipe_or_unet, unet: torch.nn.Module, config: EncoderPropagationConfig,
+                    clock: StepClock) -> EncoderPropagationAttachment:
+    """Faster Diffusion encoder propagation for `fastdiff.apply`: validate the UNet, find the ControlNet."""
     from diffusers import UNet2DConditionModel
 
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    controlnet = getattr(pipe_or_unet, "controlnet", None) if unet is not pipe_or_unet else None
-    if scheduler is None and unet is not pipe_or_unet:
-        scheduler = getattr(pipe_or_unet, "scheduler", None)
     if not isinstance(unet, UNet2DConditionModel):
         raise ValueError(
             f"encoder propagation handles diffusers' UNet2DConditionModel (or a pipeline with one as .unet); "
             f"got {type(unet).__name__}. Apply it before torch.compile."
         )
-    if scheduler is None or not hasattr(scheduler, "timesteps"):
-        raise ValueError("encoder propagation needs the scheduler driving the UNet: pass scheduler=... with a UNet.")
-    return unet, scheduler, controlnet
+    controlnet = getattr(pipe_or_unet, "controlnet", None) if pipe_or_unet is not unet else None
+    return EncoderPropagationAttachment(config, unet, controlnet, clock)
 
 
 def apply_encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, scheduler=None) -> None:
-    """Faster Diffusion (arXiv 2312.09608) encoder propagation: attach it to a pipeline or a UNet via HookRegistry.
+    """Faster Diffusion (arXiv 2312.09608) encoder propagation: `fastdiff.apply(pipe_or_unet, config)`.
 
     Args:
         pipe_or_unet: a pipeline with `.unet` (a `UNet2DConditionModel`) and `.scheduler` (and optionally
             `.controlnet`, hooked too), or a `UNet2DConditionModel` together with `scheduler`.
         config (`EncoderPropagationConfig`): key steps, parallel decoding and noise injection.
-        scheduler: the scheduler driving the UNet; taken from the pipeline when a pipeline is given.
+        scheduler: the scheduler driving a bare UNet; with a pipeline, its current `.scheduler` is read at every call.
 
     Example:
         >>> from fastdiff.testing import tiny_sd_pipeline
@@ -415,45 +436,18 @@ def apply_encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, sc
         >>> image = pipe("a red cube", num_inference_steps=50, height=64, width=64).images[0]
         >>> remove_encoder_propagation(pipe)
     """
+    from fastdiff.compose import apply
+
     if not isinstance(config, EncoderPropagationConfig):
         raise ValueError("config must be an EncoderPropagationConfig.")
-    unet, scheduler, controlnet = _components(pipe_or_unet, scheduler)
-    registry = HookRegistry.check_if_exists_or_initialize(unet)
-    if registry.get_hook(HOOK_NAME) is not None:
-        raise ValueError("encoder propagation is already applied: call remove_encoder_propagation first.")
-    from fastdiff.hooks.block_skip import HOOK_NAME as BLOCK_SKIP_HOOK  # block_skip imports this module
-
-    if config.parallel and registry.get_hook(BLOCK_SKIP_HOOK) is not None:
-        raise ValueError("parallel decoding cannot run under block skipping: the batched decoders of later steps "
-                         "would skip this step's layers. Use parallel=False with block skipping.")
-    state = _PropagationState(config, scheduler)
-    parts = [("conv_in", unet.conv_in)]
-    parts += [(f"down_blocks.{i}", block) for i, block in enumerate(unet.down_blocks)]
-    if unet.mid_block is not None:
-        parts.append(("mid_block", unet.mid_block))
-    for slot, module in parts:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(EncoderPartHook(state, slot), HOOK_NAME)
-    hook = EncoderPropagationHook(state)
-    registry.register_hook(hook, HOOK_NAME)
-    if controlnet is not None:
-        controlnet_registry = HookRegistry.check_if_exists_or_initialize(controlnet)
-        controlnet_registry.register_hook(ControlNetPropagationHook(state), HOOK_NAME)
-        hook.controlnet = controlnet
-    registry.invalidate_child_registries_cache()
+    apply(pipe_or_unet, config, scheduler=scheduler)
 
 
 def remove_encoder_propagation(pipe_or_unet) -> None:
-    """Faster Diffusion encoder propagation: detach all hooks `apply_encoder_propagation` attached; reset state."""
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    registry = getattr(unet, "_diffusers_hook", None)
-    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
-    if hook is None:
-        return
-    hook.state.reset()
-    if hook.controlnet is not None and hasattr(hook.controlnet, "_diffusers_hook"):
-        hook.controlnet._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
-    registry.remove_hook(HOOK_NAME, recurse=True)
-    registry.invalidate_child_registries_cache()
+    """Faster Diffusion encoder propagation: `fastdiff.remove(pipe_or_unet, "encoder_propagation")`."""
+    from fastdiff.compose import remove
+
+    remove(pipe_or_unet, "encoder_propagation")
 
 
 @contextlib.contextmanager

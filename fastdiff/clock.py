@@ -57,8 +57,12 @@ class StepClock(ModelHook):
             raise ValueError("the scheduler has no timesteps: call scheduler.set_timesteps(...) before the UNet.")
         if timesteps is not self.timesteps:
             self.timesteps, self.num_steps, self.step, self.chunk = timesteps, len(timesteps), 0, 0
-            for listener in self.listeners:
-                listener()
+            try:
+                for listener in self.listeners:
+                    listener()
+            except BaseException:
+                self.forget()
+                raise
         if self._pin is not None:
             self.step, self.chunk = self._pin
         return self.step
