@@ -345,9 +345,6 @@ def layer_plan(unet: nn.Module) -> list[LayerSpec]:
     """
     plan: list[LayerSpec] = []
     for name, module in unet.named_modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and any(isinstance(h, PatchLayer) for h in registry.hooks.values()):
-            raise ValueError("this UNet is already patch parallel: call fastdiff.remove(pipe, 'patch_parallel') first.")
         if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
             k, pad = module.kernel_size[0], module.padding
             if isinstance(pad, str) or pad[0] != k // 2 or k % 2 == 0 or module.dilation[0] != 1 \
