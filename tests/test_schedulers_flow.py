@@ -194,3 +194,28 @@ def test_swap_into_tiny_flow_pipelines_matches_diffusers(which):
         assert np.isfinite(got).all() and got.std() > 0
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
+
+# ------------------------------------------------------------------------------ refusals of VP-only features
+def test_search_and_svdd_refuse_flow_matching_before_any_model_call():
+    """search_timesteps and svdd_sample are built for VP (UNet) models: on SD3 / Flux pipelines, on a VP pipeline
+    whose scheduler was switched to flow sigmas, and on a flow-matching mixture they raise ValueError up front."""
+    from fastdiff.guidance import SVDDConfig, svdd_sample
+    from fastdiff.search import SearchConfig, search_timesteps
+    from fastdiff.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+
+    def forbid(*_args, **_kwargs):
+        raise AssertionError("the model was called before the refusal")
+
+    pipes = [tiny_sd3_pipeline(), tiny_flux_pipeline(), tiny_sd_pipeline()]
+    pipes[2].scheduler = DPMSolverPlusPlusScheduler.from_config(pipes[2].scheduler.config, **FLOW)
+    for pipe in pipes:
+        (getattr(pipe, "transformer", None) or pipe.unet).register_forward_pre_hook(forbid)
+        with pytest.raises(ValueError, match="search_timesteps does not support flow-matching.*Missing: a search"):
+            search_timesteps(pipe, num_steps=2, objective=lambda c: 0.0, config=SearchConfig(seed=0))
+        with pytest.raises(ValueError, match="svdd_sample does not support flow-matching.*Missing: a stochastic"):
+            svdd_sample(pipe, reward_fn=lambda x: x.mean((1, 2, 3)), config=SVDDConfig(num_candidates=2),
+                        prompt="a red cube", num_inference_steps=2)
+    mixture = GaussianMixtureDenoiser(means=torch.zeros(1, 1, 2, 2), stds=torch.tensor([0.5]),
+                                      prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="flow velocities"):
+        search_timesteps(mixture, num_steps=2, objective="exact")
