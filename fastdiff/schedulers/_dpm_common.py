@@ -214,9 +214,9 @@ class DPMSolverPlusPlusBase:
 
     def _flow_schedule(self, n: int | None, timesteps, sigmas, mu: float | None, final: float
                        ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Flow-matching grid (Esser et al. 2024, SD3): sigma = shift s / (1 + (shift - 1) s) on s uniform in
-        [1/T, 1], timesteps = sigma T truncated to integers as diffusers' DPM-Solver schedulers do;
-        shift = exp(mu) when `mu` is given (dynamic shifting, Flux)."""
+        """Flow-matching grid (Esser et al. 2024, SD3): sigma = shift u / (1 + (shift - 1) u) for N + 1 values of u
+        uniform on [0, 1 - 1/T], descending, the last (0) dropped; timesteps = sigma T truncated to integers, as
+        diffusers' DPM-Solver schedulers do; shift = exp(mu) when `mu` is given (dynamic shifting, Flux)."""
         num_train = self.config.num_train_timesteps
         if timesteps is not None:  # t = sigma T, the inverse of the grid's own timesteps
             ts = np.asarray(schedules.validate_timesteps(timesteps, num_train + 1), dtype=np.int64)

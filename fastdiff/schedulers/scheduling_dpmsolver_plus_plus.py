@@ -57,7 +57,8 @@ class DPMSolverPlusPlusScheduler(DPMSolverPlusPlusBase, SchedulerMixin, ConfigMi
         timestep_spacing (`"linspace"`), steps_offset: how `num_inference_steps` picks the timesteps.
         exact_third_order (`False`): use the Taylor-exact weight on D2 in 3M (not in diffusers).
         use_flow_sigmas, flow_shift: flow-matching models (SD3, Flux; x_t = (1 - s) x0 + s eps), with
-            `prediction_type="flow_prediction"` (velocity eps - x0): the grid s = shift u / (1 + (shift - 1) u).
+            `prediction_type="flow_prediction"` (velocity eps - x0): the grid s = shift u / (1 + (shift - 1) u),
+            u uniform on [0, 1 - 1/T].
         use_dynamic_shifting, time_shift_type (`"exponential"`): `set_timesteps(n, mu=...)` uses shift = exp(mu).
     """
 
