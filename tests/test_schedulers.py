@@ -378,12 +378,12 @@ def test_bad_set_timesteps_inputs_raise(kwargs, call, match):
     (dict(solver_order=4), "solver_order"),
     (dict(algorithm_type="dpmsolver"), "dpmsolver\\+\\+"),
     (dict(solver_type="taylor"), "solver_type"),
-    (dict(prediction_type="flow_prediction"), "prediction_type"),
+    (dict(prediction_type="x0"), "prediction_type"),
     (dict(final_sigmas_type="one"), "final_sigmas_type"),
     (dict(timestep_spacing="uniform"), "timestep_spacing"),
     (dict(use_karras_sigmas=True, use_lu_lambdas=True), "at most one"),
     (dict(beta_schedule="cosine"), "beta_schedule"),
-    (dict(use_flow_sigmas=True), "use_flow_sigmas=False"),
+    (dict(use_flow_sigmas=True, use_lu_lambdas=True), "use_lu_lambdas=False"),
 ])
 def test_bad_config_raises(kwargs, match):
     for cls in (DPMSolverPlusPlusScheduler, DPMSolverPlusPlusSinglestepScheduler):

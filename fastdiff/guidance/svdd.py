@@ -28,6 +28,7 @@ from diffusers.utils import BaseOutput
 from fastdiff.clock import end_call, pinned_step
 from fastdiff.compose import check_call
 from fastdiff.guidance.rewards import validate_reward
+from fastdiff.schedulers.flow_check import refuse_flow_matching
 
 __all__ = ["SVDDConfig", "SVDDOutput", "svdd_sample", "select_candidates", "predict_x0", "decode_latents"]
 
@@ -396,6 +397,8 @@ def svdd_sample(pipe, reward_fn: RewardFn, config: SVDDConfig | None = None, **p
         (torch.Size([4, 1, 32, 32]), 193.0)
     """
     config = config or SVDDConfig()
+    refuse_flow_matching(pipe, "svdd_sample", "a stochastic flow-matching step and x0 from velocity predictions "
+                         "(svdd_sample drives a UNet with DDPM / DDIM / SDE-DPM-Solver++ steps)")
     output_type = pipe_kwargs.pop("output_type", "pt")
     if output_type not in ("pt", "np", "pil", "latent"):
         raise ValueError("output_type must be 'pt', 'np', 'pil' or 'latent'.")

@@ -18,10 +18,17 @@ from fastdiff.schedulers import schedules
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 # Names other diffusers schedulers store in the same config keys; diffusers maps them the same way on a swap.
 ALGORITHM_ALIASES = {"deis": "dpmsolver++"}
 SOLVER_TYPE_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
+
+
+def _as_float32(sigmas: np.ndarray) -> np.ndarray:
+    """A generated grid's sigmas as diffusers stores them (float32), kept in float64: two grid points that diffusers
+    sees as equal stay equal (a zero-length step), instead of a step of h ~ 1e-8 whose coefficients differ."""
+    return np.asarray(sigmas, dtype=np.float32).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,15 @@ class NoiseLevel:
             return cls(1.0, 0.0, math.inf)
         alpha = 1.0 / math.sqrt(1.0 + s * s)
         return cls(alpha, s * alpha, -math.log(s))
+
+    @classmethod
+    def from_flow_sigma(cls, s: float) -> NoiseLevel:
+        """Rectified-flow path x_t = (1 - s) x0 + s eps: alpha_t = 1 - s, sigma_t = s (diffusers' flow sigmas)."""
+        if s == 0.0:
+            return cls(1.0, 0.0, math.inf)
+        if s >= 1.0:
+            return cls(0.0, 1.0, -math.inf)
+        return cls(1.0 - s, s, math.log1p(-s) - math.log(s))
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
@@ -56,14 +72,22 @@ class DPMSolverPlusPlusBase:
     """Shared state and helpers; the subclasses are the diffusers-facing `SchedulerMixin, ConfigMixin` classes."""
 
     init_noise_sigma = 1.0
+    _always_round_karras = False
 
     # --------------------------------------------------------------------------------- construction
     def _validate_config(self) -> None:
-        c = self.config
-        if c.algorithm_type in ALGORITHM_ALIASES:
-            self.register_to_config(algorithm_type=ALGORITHM_ALIASES[c.algorithm_type])
-        if c.solver_type in SOLVER_TYPE_ALIASES:
-            self.register_to_config(solver_type=SOLVER_TYPE_ALIASES[c.solver_type])
+        given = self.config.algorithm_type
+        if given in ALGORITHM_ALIASES and self.config.final_sigmas_type == "zero":
+            # diffusers refuses this combination in the same way (it checks the name it was given)
+            raise ValueError(
+                f"final_sigmas_type='zero' is not supported for algorithm_type={given!r} (as in diffusers): pass "
+                "final_sigmas_type='sigma_min', or algorithm_type='dpmsolver++', e.g. as a from_config override."
+            )
+        if given in ALGORITHM_ALIASES:
+            self.register_to_config(algorithm_type=ALGORITHM_ALIASES[given])
+        if self.config.solver_type in SOLVER_TYPE_ALIASES:
+            self.register_to_config(solver_type=SOLVER_TYPE_ALIASES[self.config.solver_type])
+        c = self.config  # read after register_to_config, which replaces the config object
         if c.algorithm_type not in ALGORITHMS:
             raise ValueError(
                 f"algorithm_type={c.algorithm_type!r} is not supported: fastdiff implements DPM-Solver++ only, "
@@ -73,8 +97,8 @@ class DPMSolverPlusPlusBase:
             raise ValueError(f"unknown solver_type {c.solver_type!r}: use 'midpoint' or 'heun'.")
         if c.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
-                f"unknown prediction_type {c.prediction_type!r}: use 'epsilon', 'sample' or 'v_prediction' "
-                "(flow-matching models are not supported; use diffusers' FlowMatch schedulers)."
+                f"unknown prediction_type {c.prediction_type!r}: use 'epsilon', 'sample', 'v_prediction' or "
+                "'flow_prediction'."
             )
         if not isinstance(c.solver_order, int) or not 1 <= c.solver_order <= 3:
             raise ValueError(f"solver_order must be 1, 2 or 3, got {c.solver_order!r}.")
@@ -85,17 +109,21 @@ class DPMSolverPlusPlusBase:
                              "use 'linspace', 'leading' or 'trailing'.")
         # variance_type: only "learned" / "learned_range" change anything here (the model then also outputs a
         # variance); DDPM's "fixed_small" etc. arrive through from_config swaps and are ignored, as in diffusers.
-        flags = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-                 if getattr(c, n, False)]
+        flags = [n for n in SIGMA_FLAGS if getattr(c, n, False)]
         if len(flags) > 1:
             raise ValueError(f"{flags} are mutually exclusive: set at most one of them to True.")
-        if c.use_flow_sigmas or c.use_dynamic_shifting:
-            raise ValueError("flow-matching sigmas are not supported: set use_flow_sigmas=False and "
-                             "use_dynamic_shifting=False (or use diffusers' FlowMatch schedulers).")
-        if not 0.0 < c.dynamic_thresholding_ratio <= 1.0:
-            raise ValueError("dynamic_thresholding_ratio must lie in (0, 1].")
-        if c.sample_max_value < 1.0:
-            raise ValueError("sample_max_value must be >= 1 (1 = plain clipping to [-1, 1]).")
+        if c.use_flow_sigmas and flags:
+            raise ValueError(f"use_flow_sigmas=True cannot be combined with {flags[0]}=True: the flow-matching grid "
+                             f"is set by flow_shift; set {flags[0]}=False.")
+        if c.use_flow_sigmas and not c.flow_shift > 0:
+            raise ValueError(f"flow_shift must be > 0, got {c.flow_shift!r} (1.0 = no shift).")
+        if c.time_shift_type != "exponential":
+            raise ValueError(f"time_shift_type={c.time_shift_type!r} is not supported: use 'exponential' "
+                             "(flow_shift = exp(mu)), as diffusers' DPM-Solver schedulers do.")
+        if not 0.0 <= c.dynamic_thresholding_ratio <= 1.0:
+            raise ValueError("dynamic_thresholding_ratio must lie in [0, 1] (a quantile of |x0|).")
+        if not c.sample_max_value > 0.0:
+            raise ValueError("sample_max_value must be > 0 (1 = plain clipping to [-1, 1]).")
 
     def _init_noise_schedule(self) -> None:
         c = self.config
@@ -117,7 +145,8 @@ class DPMSolverPlusPlusBase:
     def _set_sigma_schedule(self, sigmas: np.ndarray, final: float | None) -> None:
         s = np.asarray(sigmas, dtype=np.float64) if final is None else np.append(np.asarray(sigmas, np.float64), final)
         self._sigma64 = s
-        self._levels = [NoiseLevel.from_sigma_tilde(float(v)) for v in s]
+        level = NoiseLevel.from_flow_sigma if self.config.use_flow_sigmas else NoiseLevel.from_sigma_tilde
+        self._levels = [level(float(v)) for v in s]
         self.sigmas = torch.from_numpy(s.astype(np.float32))
 
     def _reset_state(self) -> None:
@@ -127,11 +156,15 @@ class DPMSolverPlusPlusBase:
         self._begin_index: int | None = None
 
     # ------------------------------------------------------------------------------- set_timesteps
-    def _schedule(self, num_inference_steps: int | None, timesteps, sigmas) -> tuple[np.ndarray, np.ndarray, float]:
-        """(timesteps, sigmas~ at them, final sigma~): the grid the solver steps on."""
+    def _schedule(self, num_inference_steps: int | None, timesteps, sigmas, mu: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+        """(timesteps, sigmas at them, final sigma): the grid the solver steps on. The sigmas are sigma~ of the VP
+        model, or the flow-matching sigma in [0, 1] when `use_flow_sigmas`."""
         c = self.config
-        sigma_flags = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-                       if getattr(c, n, False)]
+        sigma_flags = [n for n in SIGMA_FLAGS if getattr(c, n, False)]
+        if mu is not None and not (c.use_dynamic_shifting and c.time_shift_type == "exponential"):
+            raise ValueError("set_timesteps(mu=...) needs use_dynamic_shifting=True (and time_shift_type="
+                             "'exponential'): pass use_dynamic_shifting=True in from_config, or drop mu.")
         given = [n for n, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                 ("sigmas", sigmas)) if v is not None]
         if len(given) != 1:
@@ -140,7 +173,10 @@ class DPMSolverPlusPlusBase:
             raise ValueError(f"custom {given[0]} cannot be combined with {sigma_flags[0]}=True: "
                              f"set {sigma_flags[0]}=False (e.g. in from_config) or pass num_inference_steps.")
         train = self._train_sigma
+        # diffusers' "sigma_min" is the VP sigma~ at t = 0, also on the flow grid
         final = 0.0 if c.final_sigmas_type == "zero" else float(train[0])
+        if c.use_flow_sigmas:
+            return self._flow_schedule(num_inference_steps, timesteps, sigmas, mu, final)
         if timesteps is not None:
             ts = np.asarray(schedules.validate_timesteps(timesteps, c.num_train_timesteps), dtype=np.int64)
             return ts, train[ts], final
@@ -163,14 +199,42 @@ class DPMSolverPlusPlusBase:
             elif kind == "use_beta_sigmas":
                 s = schedules.beta_sigmas(lo, hi, n)
             else:
-                s = schedules.uniform_logsnr_sigmas(lo, hi, n)
-            t = schedules.sigmas_to_timesteps(s, train)
-            # karras and lu round to integer steps, exponential and beta truncate (diffusers' conventions)
-            if kind in ("use_karras_sigmas", "use_lu_lambdas") and c.beta_schedule != "squaredcos_cap_v2":
+                # uniform log-SNR between the float32 log-sigmas of the ends, as diffusers takes them
+                log32 = np.log(train.astype(np.float32)).astype(np.float64)
+                s = np.exp(np.linspace(log32[-1], log32[0], n))
+            t = schedules.sigmas_to_timesteps(s, train, log_dtype=np.float32)
+            # karras and lu round to integer steps, exponential and beta truncate (diffusers' conventions; its
+            # multistep scheduler truncates karras / lu under squaredcos_cap_v2 too, its singlestep one rounds)
+            if kind in ("use_karras_sigmas", "use_lu_lambdas") and (
+                    c.beta_schedule != "squaredcos_cap_v2" or self._always_round_karras):
                 t = np.round(t)
-            return t.astype(np.int64), s, final
+            return t.astype(np.int64), _as_float32(s), final
         ts = schedules.spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, last)
         return ts, train[ts], final
+
+    def _flow_schedule(self, n: int | None, timesteps, sigmas, mu: float | None, final: float
+                       ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Flow-matching grid (Esser et al. 2024, SD3): sigma = shift u / (1 + (shift - 1) u) for N + 1 values of u
+        uniform on [0, 1 - 1/T], descending, the last (0) dropped; timesteps = sigma T truncated to integers, as
+        diffusers' DPM-Solver schedulers do; shift = exp(mu) when `mu` is given (dynamic shifting, Flux)."""
+        num_train = self.config.num_train_timesteps
+        if timesteps is not None:  # t = sigma T, the inverse of the grid's own timesteps
+            ts = np.asarray(schedules.validate_timesteps(timesteps, num_train + 1), dtype=np.int64)
+            if ts[0] > num_train or ts[-1] <= 0:
+                raise ValueError(f"flow-matching timesteps must lie in [1, {num_train}] (sigma = t / {num_train}).")
+            return ts, ts / num_train, final
+        if sigmas is not None:
+            s = schedules.validate_sigmas(sigmas)
+            if s[0] >= 1.0:
+                raise ValueError(f"flow-matching sigmas must lie in [0, 1), got {s[0]}: at sigma = 1 log-SNR is -inf; "
+                                 f"start at most at 1 - 1/num_train_timesteps, as the use_flow_sigmas grid does.")
+            return (s[:-1] * num_train).astype(np.float32), s[:-1], float(s[-1])
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {n}.")
+        shift = math.exp(mu) if mu is not None else float(self.config.flow_shift)
+        s = 1.0 - np.linspace(1.0, 1.0 / num_train, n + 1)
+        s = np.flip(shift * s / (1.0 + (shift - 1.0) * s))[:-1].copy()
+        return (s * num_train).astype(np.int64), _as_float32(s), final
 
     def _apply_schedule(self, ts: np.ndarray, s: np.ndarray, final: float, device) -> None:
         self._set_sigma_schedule(s, final)
@@ -223,6 +287,8 @@ class DPMSolverPlusPlusBase:
             x0 = (sample - lvl.sigma * model_output) / lvl.alpha
         elif c.prediction_type == "sample":
             x0 = model_output
+        elif c.prediction_type == "flow_prediction":  # v = eps - x0 on x = (1 - s) x0 + s eps  =>  x0 = x - s v
+            x0 = sample - float(self._sigma64[self._step_index]) * model_output
         else:  # v = alpha eps - sigma x0  =>  x0 = alpha x - sigma v
             x0 = lvl.alpha * sample - lvl.sigma * model_output
         if c.thresholding:
@@ -254,10 +320,10 @@ class DPMSolverPlusPlusBase:
         else:
             start = self._step_index if self._step_index is not None else self._begin_index
             idx = [start] * timesteps.reshape(-1).shape[0]
-        s = torch.from_numpy(self._sigma64[idx]).to(original_samples.device)
-        alpha = 1.0 / torch.sqrt(1.0 + s**2)
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        a, sg = alpha.reshape(shape), (s * alpha).reshape(shape)
+        lv = [self._levels[i] for i in idx]
+        a = torch.tensor([v.alpha for v in lv], dtype=torch.float64, device=original_samples.device).reshape(shape)
+        sg = torch.tensor([v.sigma for v in lv], dtype=torch.float64, device=original_samples.device).reshape(shape)
         return (a * original_samples + sg * noise).to(original_samples.dtype)
 
     def __len__(self) -> int:

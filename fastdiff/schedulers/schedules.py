@@ -80,6 +80,7 @@ def spaced_timesteps(
     """Integer timesteps, descending, one per model evaluation (Lin et al. 2023, Table 2).
 
     `last_timestep` (default `num_train_timesteps`) truncates the noisy end, e.g. after `lambda_min_clipped`.
+    Repeated values (only when N >= T) are kept once, so the result may be shorter than N.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
@@ -87,12 +88,19 @@ def spaced_timesteps(
     if spacing == "linspace":  # N + 1 evenly spaced points on [0, top - 1]; drop the final 0
         ts = np.round(np.linspace(0, top - 1, n + 1))[::-1][:-1]
     elif spacing == "leading":  # integer multiples of top // (N + 1), shifted by steps_offset
+        if top // (n + 1) == 0:
+            raise ValueError(f"'leading' spacing needs num_inference_steps < {top}, got {n}: "
+                             "use fewer steps or timestep_spacing='linspace' / 'trailing'.")
         ts = (np.arange(n + 1) * (top // (n + 1)))[::-1][:-1] + steps_offset
     elif spacing == "trailing":  # evenly spaced downwards from the last training step
         ts = np.round(np.arange(top, 0, -num_train_timesteps / n)) - 1
     else:
         raise ValueError(f"unknown timestep_spacing {spacing!r}: use 'linspace', 'leading' or 'trailing'.")
-    return np.ascontiguousarray(ts).astype(np.int64)
+    ts = np.ascontiguousarray(ts).astype(np.int64)
+    # N >= T rounds two grid points to the same integer (e.g. linspace with N = T): a repeated timestep is a
+    # zero-length step, which breaks multistep solvers (division by h = 0), so keep each timestep once
+    _, first = np.unique(ts, return_index=True)
+    return ts[np.sort(first)]
 
 
 # ---------------------------------------------------------------------------------------- sigma schedules
@@ -122,17 +130,19 @@ def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, 
     return sigma_min + beta_dist.ppf(q, alpha, beta) * (sigma_max - sigma_min)
 
 
-def sigmas_to_timesteps(sigmas: np.ndarray, train_sigma: np.ndarray) -> np.ndarray:
+def sigmas_to_timesteps(sigmas: np.ndarray, train_sigma: np.ndarray, log_dtype: type = np.float64) -> np.ndarray:
     """Fractional timesteps whose log-sigma~ (interpolated linearly between training steps) equals log `sigmas`.
 
-    Values outside the training range clamp to its ends (t = 0 or T - 1).
+    Values outside the training range clamp to its ends (t = 0 or T - 1). `log_dtype=np.float32` takes the training
+    log-sigmas in float32 and t = (1 - w) k + w (k + 1), as diffusers computes them: generated grids use it so that
+    the integer part of t (which exponential and beta schedules keep) agrees with diffusers' (998 vs 999 at the top).
     """
-    log_train = np.log(train_sigma)
+    log_train = np.log(np.asarray(train_sigma).astype(log_dtype)).astype(np.float64)
     log_s = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
     # train_sigma increases with t: index of the segment [k, k+1] holding each log sigma
     k = np.clip(np.searchsorted(log_train, log_s, side="right") - 1, 0, len(log_train) - 2)
-    w = np.clip((log_s - log_train[k]) / (log_train[k + 1] - log_train[k]), 0.0, 1.0)
-    return k + w
+    w = np.clip((log_train[k] - log_s) / (log_train[k] - log_train[k + 1]), 0.0, 1.0)
+    return (1.0 - w) * k + w * (k + 1)
 
 
 def timesteps_to_sigmas(timesteps: np.ndarray, train_sigma: np.ndarray) -> np.ndarray:

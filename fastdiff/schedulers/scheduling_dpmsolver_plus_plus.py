@@ -42,7 +42,7 @@ class DPMSolverPlusPlusScheduler(DPMSolverPlusPlusBase, SchedulerMixin, ConfigMi
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
             the training noise schedule (`"linear"`, `"scaled_linear"` or `"squaredcos_cap_v2"` betas).
         solver_order (`int`, 2): 1, 2 or 3; 2 for guided sampling, 3 for unconditional.
-        prediction_type: `"epsilon"`, `"sample"` or `"v_prediction"`.
+        prediction_type: `"epsilon"`, `"sample"`, `"v_prediction"` or `"flow_prediction"`.
         thresholding, dynamic_thresholding_ratio (0.995), sample_max_value (1.0): dynamic thresholding of x0
             (Imagen); for pixel-space models only. With `sample_max_value=1` it is clipping to [-1, 1].
         algorithm_type: `"dpmsolver++"` (ODE) or `"sde-dpmsolver++"` (SDE, needs noise: `generator` or
@@ -56,8 +56,10 @@ class DPMSolverPlusPlusScheduler(DPMSolverPlusPlusBase, SchedulerMixin, ConfigMi
         variance_type: `"learned"` / `"learned_range"` when the model also outputs a variance.
         timestep_spacing (`"linspace"`), steps_offset: how `num_inference_steps` picks the timesteps.
         exact_third_order (`False`): use the Taylor-exact weight on D2 in 3M (not in diffusers).
-        use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type: accepted for config compatibility;
-            flow matching is not supported.
+        use_flow_sigmas, flow_shift: flow-matching models (SD3, Flux; x_t = (1 - s) x0 + s eps), with
+            `prediction_type="flow_prediction"` (velocity eps - x0): the grid s = shift u / (1 + (shift - 1) u),
+            u uniform on [0, 1 - 1/T].
+        use_dynamic_shifting, time_shift_type (`"exponential"`): `set_timesteps(n, mu=...)` uses shift = exp(mu).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -72,7 +74,7 @@ class DPMSolverPlusPlusScheduler(DPMSolverPlusPlusBase, SchedulerMixin, ConfigMi
         beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
         solver_order: int = 2,
-        prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon",
+        prediction_type: Literal["epsilon", "sample", "v_prediction", "flow_prediction"] = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
@@ -103,6 +105,7 @@ class DPMSolverPlusPlusScheduler(DPMSolverPlusPlusBase, SchedulerMixin, ConfigMi
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
+        mu: float | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
     ) -> None:
@@ -111,13 +114,16 @@ class DPMSolverPlusPlusScheduler(DPMSolverPlusPlusBase, SchedulerMixin, ConfigMi
         Args:
             num_inference_steps: spaced by `timestep_spacing` or the configured sigma schedule.
             device: where `self.timesteps` lives.
+            mu: dynamic shifting (Flux): flow_shift = exp(mu) for this grid; needs `use_dynamic_shifting=True`.
             timesteps: distinct integers in descending order, in [0, num_train_timesteps); the final sigma follows
-                `final_sigmas_type`. Pass the N model timesteps without a trailing 0.
+                `final_sigmas_type`. Pass the N model timesteps without a trailing 0. With `use_flow_sigmas`,
+                sigma = t / num_train_timesteps.
             sigmas: N + 1 descending sigma~ = sqrt((1 - alpha_bar) / alpha_bar) values, the last one being the final
                 sigma (0 to finish on x0), as diffusers' EulerDiscreteScheduler takes them; the model timesteps are
-                their log-sigma interpolation (fractional).
+                their log-sigma interpolation (fractional). With `use_flow_sigmas`, flow sigmas in [0, 1) and
+                timesteps sigma * num_train_timesteps.
         """
-        ts, s, final = self._schedule(num_inference_steps, timesteps, sigmas)
+        ts, s, final = self._schedule(num_inference_steps, timesteps, sigmas, mu)
         self._apply_schedule(ts, s, final, device)
 
     # --------------------------------------------------------------------------------------- the solver

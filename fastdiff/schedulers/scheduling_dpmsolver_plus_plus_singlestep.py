@@ -39,6 +39,7 @@ class DPMSolverPlusPlusSinglestepScheduler(DPMSolverPlusPlusBase, SchedulerMixin
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+    _always_round_karras = True
 
     @register_to_config
     def __init__(
@@ -49,7 +50,7 @@ class DPMSolverPlusPlusSinglestepScheduler(DPMSolverPlusPlusBase, SchedulerMixin
         beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
         solver_order: int = 2,
-        prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon",
+        prediction_type: Literal["epsilon", "sample", "v_prediction", "flow_prediction"] = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
@@ -101,12 +102,13 @@ class DPMSolverPlusPlusSinglestepScheduler(DPMSolverPlusPlusBase, SchedulerMixin
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
+        mu: float | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
     ) -> None:
-        """Choose the sampling grid: `num_inference_steps`, custom `timesteps` or custom `sigmas` (N + 1 values,
-        the last one the final sigma); see `DPMSolverPlusPlusScheduler.set_timesteps`."""
-        ts, s, final = self._schedule(num_inference_steps, timesteps, sigmas)
+        """Choose the sampling grid: `num_inference_steps` (with `mu` for dynamic shifting), custom `timesteps` or
+        custom `sigmas` (N + 1 values, the last one the final sigma); see `DPMSolverPlusPlusScheduler.set_timesteps`."""
+        ts, s, final = self._schedule(num_inference_steps, timesteps, sigmas, mu)
         self._apply_schedule(ts, s, final, device)
         self.sample = None
         self.order_list = self.get_order_list(len(ts))

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from fastdiff.schedulers.flow_check import refuse_flow_matching
 from fastdiff.search.evolutionary import (
     Candidate,
     EvolutionState,
@@ -298,6 +299,8 @@ def search_timesteps(
         >>> images = pipe(class_labels=[3], timesteps=result.timesteps).images
     """
     config = config or SearchConfig()
+    refuse_flow_matching(pipe, "search_timesteps", "a search space of flow sigmas in [0, 1] (candidates here are "
+                         "integer timesteps of a VP noise schedule) and flow-matching objectives")
     start = time.perf_counter()
     if callable(objective) and not isinstance(objective, str):
         fn, name = objective, getattr(objective, "name", type(objective).__name__)

@@ -1,7 +1,9 @@
 """Exact denoiser of a Gaussian-mixture data distribution: ground truth for checking sampler maths.
 
 Data: x0 ~ sum_k w_k N(mean_k, std_k^2 I). Forward process (any DDPM-style schedule):
-x_t = a_t x0 + s_t eps with a_t = sqrt(alphas_cumprod[t]), s_t = sqrt(1 - alphas_cumprod[t]).
+x_t = a_t x0 + s_t eps with a_t = sqrt(alphas_cumprod[t]), s_t = sqrt(1 - alphas_cumprod[t]); or, for
+`prediction_type="flow_prediction"`, the rectified-flow path (Liu et al. 2022; Esser et al. 2024, SD3)
+x_t = (1 - s) x0 + s eps with s = t / num_train_timesteps, whose target is the velocity eps - x0.
 Then x_t | k ~ N(a_t mean_k, (a_t^2 std_k^2 + s_t^2) I), so the posterior mean E[x0 | x_t] is the
 responsibility-weighted sum of per-component linear denoisers, in closed form.
 """
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-PredictionType = Literal["epsilon", "sample", "v_prediction"]
+PredictionType = Literal["epsilon", "sample", "v_prediction", "flow_prediction"]
 
 
 @dataclass
@@ -41,7 +43,9 @@ class GaussianMixtureDenoiser(nn.Module):
         weights: (K,) mixture weights (default uniform); normalised.
         alphas_cumprod: (T,) cumulative alphas of a DDPM-style schedule; integer timesteps index it,
             fractional ones interpolate it linearly.
-        prediction_type: what `forward` returns.
+        prediction_type: what `forward` returns; `"flow_prediction"` switches to the rectified-flow path
+            x_t = (1 - s) x0 + s eps (alphas_cumprod is then unused) and returns the velocity eps - x0.
+        num_train_timesteps: flow path only: timestep t means s = t / num_train_timesteps (SD3's convention).
 
     The prediction is computed in the dtype of the input sample (fp32 or fp64).
     """
@@ -53,6 +57,7 @@ class GaussianMixtureDenoiser(nn.Module):
         weights: torch.Tensor | None = None,
         alphas_cumprod: torch.Tensor | None = None,
         prediction_type: PredictionType = "epsilon",
+        num_train_timesteps: int = 1000,
     ) -> None:
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
@@ -69,13 +74,14 @@ class GaussianMixtureDenoiser(nn.Module):
         if alphas_cumprod is None:
             betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
             alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError("prediction_type must be 'epsilon', 'sample' or 'v_prediction'.")
+        if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            raise ValueError("prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction'.")
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
         self.register_buffer("weights", weights / weights.sum())
         self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod, dtype=torch.float64))
         self.prediction_type = prediction_type
+        self.num_train_timesteps = num_train_timesteps
         shape = tuple(means.shape[1:])
         self.config = _Config(
             sample_size=shape[-1] if len(shape) == 3 and shape[-1] == shape[-2] else list(shape[1:]),
@@ -94,8 +100,12 @@ class GaussianMixtureDenoiser(nn.Module):
 
     # ----------------------------------------------------------------- schedule
     def alpha_sigma(self, timestep: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a_t, s_t) in fp64 for integer or fractional timesteps (linear interpolation of alphas_cumprod)."""
+        """(a_t, s_t) in fp64 for integer or fractional timesteps (linear interpolation of alphas_cumprod), or
+        (1 - s, s) with s = t / num_train_timesteps on the flow path."""
         t = torch.as_tensor(timestep, dtype=torch.float64, device=self.alphas_cumprod.device)
+        if self.prediction_type == "flow_prediction":
+            s = (t / self.num_train_timesteps).clamp(0.0, 1.0)
+            return 1.0 - s, s
         t = t.clamp(0, len(self.alphas_cumprod) - 1)
         lo = t.floor().long()
         hi = torch.clamp(lo + 1, max=len(self.alphas_cumprod) - 1)
@@ -138,7 +148,10 @@ class GaussianMixtureDenoiser(nn.Module):
             out = x0
         else:
             eps = (x - a * x0) / s
-            out = eps if self.prediction_type == "epsilon" else a * eps - s * x0
+            if self.prediction_type == "flow_prediction":
+                out = eps - x0  # d x_t / d s on x_t = (1 - s) x0 + s eps
+            else:
+                out = eps if self.prediction_type == "epsilon" else a * eps - s * x0
         out = out.to(sample.dtype)
         return DenoiserOutput(sample=out) if return_dict else (out,)
 
@@ -170,7 +183,8 @@ class GaussianMixtureDenoiser(nn.Module):
         rtol: float = 1e-10,
         atol: float = 1e-12,
     ) -> torch.Tensor:
-        """Probability-flow ODE solution from timestep `t_from` to `t_to` (None: to the data, sigma = 0).
+        """Probability-flow ODE solution from timestep `t_from` to `t_to` (None: to the data, sigma = 0); on the
+        flow path this is the rectified-flow ODE dx/ds = E[eps - x0 | x_s], the same ODE in y and sigma~.
 
         Solved in the scaled variable y = x / a_t, whose ODE in sigma~ = s_t / a_t is
         dy/dsigma~ = eps_hat (Karras et al. 2022, Eq. 4 in these units). A single Gaussian has the closed form

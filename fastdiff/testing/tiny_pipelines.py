@@ -1,8 +1,9 @@
-"""Tiny random-weight Stable Diffusion, SDXL and ControlNet pipelines, built offline from configs.
+"""Tiny random-weight Stable Diffusion, SDXL, ControlNet, SD3 and Flux pipelines, built offline from configs.
 
 Real diffusers pipeline classes with seeded, tiny components: a 64x64 image (32x32 latent) in well
-under a second on CPU. The CLIP tokenizer is written by the code (special tokens, letters, a few
-words), so plain `prompt` strings work with no hub access; `prompt_embeds` works too.
+under a second on CPU (32x32 for the flow-matching SD3 and Flux fixtures). The CLIP and T5 tokenizers are
+written by the code (special tokens, letters, a few words), so plain `prompt` strings work with no hub
+access; `prompt_embeds` works too.
 """
 
 from __future__ import annotations
@@ -134,4 +135,79 @@ def tiny_controlnet_pipeline(seed: int = 0):
         unet=_sd_unet(seed), controlnet=controlnet, vae=_vae(seed + 1), text_encoder=_text_encoder(seed + 2),
         tokenizer=tiny_clip_tokenizer(), scheduler=_scheduler(), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
+    ))
+
+
+# ------------------------------------------------------------------------------- flow-matching pipelines
+def tiny_t5_tokenizer(model_max_length: int = 32):
+    """A T5TokenizerFast over a Unigram vocabulary written here (SentencePiece-style pieces, letters, a few words)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase] + [("\u2581" + w, -1.0) for w in _WORDS]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=model_max_length)
+
+
+def _t5_encoder(seed: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=64, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def _flow_vae(seed: int, latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    ).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A `StableDiffusion3Pipeline` with tiny random weights: SD3Transformer2DModel, two CLIP encoders with
+    projection, a T5 encoder, FlowMatchEuler scheduler (shift 3, as SD3); 32x32 images (no VAE downsampling)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    ).eval()
+    return _quiet(StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(seed + 1, 4),
+        text_encoder=_text_encoder(seed + 2, with_projection=True), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_text_encoder(seed + 3, with_projection=True), tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=_t5_encoder(seed + 4), tokenizer_3=tiny_t5_tokenizer(),
+    ))
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A `FluxPipeline` with tiny random weights: FluxTransformer2DModel, a CLIP and a T5 encoder, FlowMatchEuler
+    scheduler with dynamic shifting (as FLUX.1-dev, so the pipeline passes `mu`); 32x32 images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return _quiet(FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(seed + 1, 1),
+        text_encoder=_text_encoder(seed + 2), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_t5_encoder(seed + 3), tokenizer_2=tiny_t5_tokenizer(),
     ))
