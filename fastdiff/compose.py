@@ -239,21 +239,23 @@ def remove(pipe_or_unet: Any, *kinds: str | Any) -> None:
         attachment.close()
 
 
+def _strip(module: torch.nn.Module) -> list[tuple[str, ModelHook]]:
+    """Take every hook off `module` (outermost first, so no removal happens mid-chain); return the foreign ones."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return []
+    order = list(registry._hook_order)
+    foreign = [(name, registry.hooks[name]) for name in order if not name.startswith("fastdiff")]
+    for name in reversed(order):
+        registry.remove_hook(name, recurse=False)
+    return foreign
+
+
 def _restack(unet: torch.nn.Module, clock: StepClock) -> None:
-    """Take every fastdiff hook off, then register the attached ones in `ROLES` order, the clock outermost."""
-    for module, name in reversed(getattr(clock, "registered", [])):
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(name) is not None:
-            registry.remove_hook(name, recurse=False)
-    clock.registered = []
-    clock.listeners = []
-    if not clock.attachments:
-        registry = getattr(unet, "_diffusers_hook", None)
-        if registry is not None:
-            registry.invalidate_child_registries_cache()
-        clock.forget()
-        return
+    """Re-register every hook on the modules fastdiff touches: fastdiff's in `ROLES` order (the clock outermost of
+    them), then the hooks others put there, in their own order, so that no fastdiff hook hides them."""
     specs: list[HookSpec] = []
+    clock.listeners = []
     for attachment in clock.attachments.values():
         specs += attachment.hooks()
         clock.listeners.append(attachment.on_new_call)
@@ -261,16 +263,24 @@ def _restack(unet: torch.nn.Module, clock: StepClock) -> None:
     if unknown:
         raise ValueError(f"hook roles {unknown} have no place in fastdiff.compose.ROLES.")
     specs.sort(key=lambda s: ROLES.index(s.role))
+    if specs:
+        specs.append(HookSpec("clock", unet, clock))
+    modules = {id(m): m for m, _ in getattr(clock, "registered", [])}
+    modules.update({id(spec.module): spec.module for spec in specs})
+    foreign = {key: _strip(module) for key, module in modules.items()}
+    clock.registered = []
     counts: dict[tuple[int, str], int] = {}
     for spec in specs:
-        key: tuple[int, str] = (id(spec.module), spec.role)
+        key = (id(spec.module), spec.role)
         counts[key] = counts.get(key, 0) + 1
-        name = f"fastdiff.{spec.role}" + (f".{counts[key]}" if counts[key] > 1 else "")
+        name = CLOCK_NAME if spec.role == "clock" else f"fastdiff.{spec.role}"
+        name += f".{counts[key]}" if counts[key] > 1 else ""
         HookRegistry.check_if_exists_or_initialize(spec.module).register_hook(spec.hook, name)
         clock.registered.append((spec.module, name))
-    HookRegistry.check_if_exists_or_initialize(unet).register_hook(clock, CLOCK_NAME)
-    clock.registered.append((unet, CLOCK_NAME))
-    unet._diffusers_hook.invalidate_child_registries_cache()
+    for key, hooks in foreign.items():
+        for name, hook in hooks:
+            modules[key]._diffusers_hook.register_hook(hook, name)
+    HookRegistry.check_if_exists_or_initialize(unet).invalidate_child_registries_cache()
     clock.forget()
 
 

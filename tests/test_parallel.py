@@ -434,9 +434,6 @@ def test_other_hooks_registered_after_pp_still_run():
     _pp_with_counting_hooks(counting_first=False)
 
 
-@pytest.mark.xfail(strict=True, reason="fastdiff.compose._restack registers fastdiff hooks on top of hooks already "
-                   "on a module, so PP's band layer (which replaces the forward) hides them; compose must re-register "
-                   "foreign hooks above fastdiff's")
 def test_other_hooks_registered_before_pp_still_run():
     _pp_with_counting_hooks(counting_first=True)
 
