@@ -27,7 +27,7 @@ _spec.loader.exec_module(cases)
 
 FIVE_WAY = [("dpm", "ep", "block_skip", "svdd1"), ("dpm", "ep_parallel", "svdd1")]
 REFERENCE_STACKS = [("dpm",), ("ep",), ("ep_parallel",), ("block_skip",), ("svdd1",), ("svdd3",), ("svdd3_chunked",),
-                    *FIVE_WAY]
+                    ("dpm", "ep_parallel", "svdd3_mc"), *FIVE_WAY]
 TINY_SD_STACKS = [("ep",), FIVE_WAY[1]]
 
 

@@ -21,8 +21,8 @@ class PatchParallelConfig:
             rest of the UNet computes. "naive": a baseline with no exchange at all (each band runs the
             plain UNet with zero padding, local attention and local GroupNorm; seams appear); only the
             output bands are gathered.
-        warmup_steps: number of UNet calls per pipeline call computed synchronously before "async" starts
-            (>= 1 in async mode: the first asynchronous step needs last step's activations).
+        warmup_steps: number of denoising steps per pipeline call (fastdiff's step clock) computed synchronously
+            before "async" starts (>= 1 in async mode: the first asynchronous step needs last step's activations).
         conditioning: "full": self-attention sees the keys/values of the whole image (DistriFusion).
             "partial": PCPP; after warm-up, self-attention sees the local band plus the nearest
             `partial_fraction` of the tokens of the band above and of the band below, and halo rows and
