@@ -294,3 +294,33 @@ def test_five_way_sweep_row_under_torchrun_equals_one_process_without_pp(tmp_pat
         a = np.asarray(PIL.Image.open(tmp_path / "one" / "images" / name))
         b = np.asarray(PIL.Image.open(tmp_path / "pp" / "images" / name))
         assert np.array_equal(a, b), name
+
+
+def test_controlnet_pipeline_stack_follows_a_scheduler_swap():
+    """ControlNet calls are not UNet calls: with EP (ControlNet at key steps only) + block skipping, applied before
+    the scheduler swap, two calls equal a fresh setup, and the ControlNet ran at the key steps only."""
+    from fastdiff.testing import tiny_controlnet_pipeline
+
+    pipe = tiny_controlnet_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    original = pipe.scheduler
+    runs = []
+    pipe.controlnet.controlnet_cond_embedding.register_forward_hook(lambda *_: runs.append(1))
+
+    def call():
+        return pipe("a red cube", image=control, timesteps=cases.TIMESTEPS, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    hooks = (cases.HOOKS["ep"], cases.HOOKS["block_skip"])
+    pipe.scheduler = DPMSolverPlusPlusScheduler.from_config(original.config)
+    with fastdiff.apply(pipe, *hooks):
+        fresh = call()
+    assert len(runs) == 3  # key steps 0, 1, 3 of 6
+    pipe.scheduler = original
+    with fastdiff.apply(pipe, *hooks):
+        pipe("a red cube", image=control, num_inference_steps=9, height=64, width=64)
+        pipe.scheduler = DPMSolverPlusPlusScheduler.from_config(original.config)
+        runs.clear()
+        assert torch.equal(call(), fresh) and torch.equal(call(), fresh)
+    assert len(runs) == 6
