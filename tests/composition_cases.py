@@ -68,7 +68,7 @@ def call_kwargs(kind: str, guidance: float) -> dict[str, Any]:
     generator = [torch.Generator().manual_seed(i) for i in range(2)]
     if kind == "reference":
         return dict(class_labels=[3, 7], guidance_scale=guidance, generator=generator)
-    return dict(prompt=["a red cube", "a blue sky"], guidance_scale=guidance, height=64, width=64,
+    return dict(prompt=["a red cube", "a blue sky"], guidance_scale=guidance, height=32, width=32,
                 generator=generator)
 
 
