@@ -51,7 +51,8 @@ def _pipe():
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from fastdiff.eval.generate import generate_images, init_distributed
+    from fastdiff.eval.distributed import init_distributed
+    from fastdiff.eval.generate import generate_images
     from fastdiff.eval.methods import MethodSpec
 
     rank, world = init_distributed()

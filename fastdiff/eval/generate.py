@@ -18,29 +18,26 @@ Scale-out is torch.distributed as is: `torchrun --nproc_per_node N` or `accelera
 
 from __future__ import annotations
 
-import argparse
-import atexit
 import hashlib
 import json
 import os
 import platform
 import resource
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastdiff.eval.methods import ACCELERATORS, MethodSpec
+from fastdiff.eval.distributed import barrier, gather_objects, init_distributed
+from fastdiff.eval.methods import MethodSpec
 
 __all__ = [
     "GenerationResult",
     "generate_images",
     "sharded_features",
-    "init_distributed",
     "load_pipeline",
     "index_chunks",
     "image_path",
@@ -49,66 +46,6 @@ __all__ = [
 ]
 
 RECORD = "generation.json"
-
-
-# -- torch.distributed --------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int]:
-    """(rank, world_size); starts the default process group when launched by torchrun/accelerate.
-
-    A group started here is destroyed at interpreter exit (torch asks for `destroy_process_group` before
-    exit; without it the gloo transport can abort a process whose peer has already gone).
-    """
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        atexit.register(_destroy_process_group)
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _gather_objects(obj) -> list:
-    if not _distributed():
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj):
-    """`obj` of rank 0, on every rank."""
-    if not _distributed():
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # -- files --------------------------------------------------------------------------------------------
@@ -306,13 +243,13 @@ def generate_images(
             f"{folder} holds images of {what}, seed or batch size ({record_path}); "
             "use a new output folder or delete this one."
         )
-    _barrier()
+    barrier()
     if rank == 0:
         for stale in folder.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
         if record is None:
             record_path.write_text(json.dumps(identity, indent=2) + "\n")
-    _barrier()
+    barrier()
 
     split = method.patch_parallel is None
     chunks = [c for k, c in enumerate(index_chunks(n, batch_size)) if not split or k % world == rank]
@@ -363,7 +300,7 @@ def generate_images(
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
     calls, rows = (counter.calls, counter.rows) if counter is not None else (0, 0)
-    stats = _gather_objects(
+    stats = gather_objects(
         {"computed": computed, "written": written, "wall": wall, "calls": calls, "rows": rows, "batches": batches,
          "peak": peak}
     )  # fmt: skip
@@ -400,12 +337,12 @@ def generate_images(
         batch_size=batch_size,
         hardware=hardware_description(),
     )
-    _barrier()
+    barrier()
     if rank == 0:
         tmp = record_path.with_name(RECORD + ".tmp")
         tmp.write_text(json.dumps({**identity, "timing": timing}, indent=2) + "\n")
         os.replace(tmp, record_path)
-    _barrier()
+    barrier()
     return result
 
 
@@ -427,58 +364,9 @@ def sharded_features(folder: str | Path, n: int, extractor, batch_size: int = 64
             raise FileNotFoundError(f"{image_path(folder, missing[0])} is missing: generate the images first.")
         mine[k] = extractor(load_images([image_path(folder, i) for i in chunk]))
     parts: dict[int, np.ndarray] = {}
-    for shard in _gather_objects(mine):
+    for shard in gather_objects(mine):
         parts.update(shard)
     return np.concatenate([parts[k] for k in sorted(parts)])
-
-
-# -- `fastdiff sample` --------------------------------------------------------------------------------
-def _json_arg(text: str):
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({err})") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.replace(",", " ").split()]
-
-
-def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that build a `MethodSpec` (shared by `fastdiff sample`)."""
-    g = parser.add_argument_group("method")
-    g.add_argument("--scheduler", default="DDIMScheduler", help="diffusers scheduler class or fastdiff's")
-    g.add_argument("--scheduler-kwargs", type=_json_arg, default={}, metavar="JSON")
-    steps = g.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int, help="number of inference steps (default 20)")
-    steps.add_argument("--timesteps", type=_int_list, help="explicit timesteps, e.g. 999,749,499,249")
-    steps.add_argument("--schedule", help="schedule JSON (e.g. from `fastdiff search`)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    g.add_argument("--eta", type=float, default=None)
-    for key in ACCELERATORS:
-        g.add_argument(f"--{key.replace('_', '-')}", type=_json_arg, default=None, metavar="JSON")
-    g.add_argument("--name", default=None, help="method label (default: scheduler-steps)")
-
-
-def method_from_args(args: argparse.Namespace) -> MethodSpec:
-    steps = args.steps if args.timesteps is None and args.schedule is None and args.steps else None
-    if args.timesteps is None and args.schedule is None and steps is None:
-        steps = 20
-    name = args.name or f"{args.scheduler.removesuffix('Scheduler')}-{steps or 'custom'}"
-    return MethodSpec(
-        name=name,
-        scheduler=args.scheduler,
-        scheduler_kwargs=args.scheduler_kwargs,
-        steps=steps,
-        timesteps=args.timesteps,
-        schedule=args.schedule,
-        guidance=args.guidance,
-        eta=args.eta,
-        **{key: getattr(args, key) for key in ACCELERATORS},
-    )
 
 
 def read_prompts(path: str | Path | None) -> list[str] | None:
@@ -488,31 +376,3 @@ def read_prompts(path: str | Path | None) -> list[str] | None:
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one per line).")
     return prompts
-
-
-def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="reference", help="`reference` or a diffusers model id / folder")
-    parser.add_argument("--prompts", default=None, help="text file, one prompt per line (text-to-image models)")
-    parser.add_argument("--n", type=int, default=16, help="number of images")
-    parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", required=True, help="output folder ({index:06d}.png)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_method_arguments(parser)
-
-
-def run_sample(args: argparse.Namespace) -> int:
-    """`fastdiff sample`: seeded images of one method into a folder (resumable; works under torchrun)."""
-    try:
-        method = method_from_args(args)
-        prompts = read_prompts(args.prompts)
-        rank, _ = init_distributed()
-        device = f"cuda:{rank % torch.cuda.device_count()}" if args.device == "cuda" else args.device
-        pipe = load_pipeline(args.model, device)
-        result = generate_images(pipe, method, args.out, args.n, args.seed, args.batch_size, prompts)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff sample: {err}", file=sys.stderr)
-        return 2
-    if rank == 0:
-        print(json.dumps(asdict(result), indent=2))
-    return 0

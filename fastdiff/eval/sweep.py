@@ -27,12 +27,10 @@ s/image, log x). It runs the same under `torchrun --nproc_per_node N` (images an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import re
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,17 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from fastdiff.eval.distributed import barrier, broadcast, init_distributed, local_device
 from fastdiff.eval.features import EXTRACTORS, FeatureExtractor, folder_features, get_extractor, load_images
-from fastdiff.eval.generate import (
-    _barrier,
-    _broadcast,
-    generate_images,
-    image_path,
-    init_distributed,
-    load_pipeline,
-    read_prompts,
-    sharded_features,
-)
+from fastdiff.eval.generate import generate_images, image_path, load_pipeline, read_prompts, sharded_features
 from fastdiff.eval.methods import MethodSpec, method_from_dict
 from fastdiff.eval.metrics import (
     FeatureStats,
@@ -167,7 +157,8 @@ def load_sweep(path: str | Path) -> SweepConfig:
 
 
 # -- reference statistics -----------------------------------------------------------------------------
-def _folder_meta(extractor: FeatureExtractor, image_size, source: str) -> dict:
+def folder_meta(extractor: FeatureExtractor, image_size, source: str) -> dict:
+    """The sidecar of features of `source` (a folder or the held-out digits) at `image_size`."""
     return {**extractor.meta(), "image_size": list(image_size), "source": source}
 
 
@@ -197,10 +188,10 @@ def reference_stats(reference: str, extractor: FeatureExtractor, cache_dir: Path
         images, _ = load_digits("heldout")
         images = (images * 255).round() / 255
         feats = extractor(images.to(torch.float32))
-        meta = _folder_meta(extractor, images.shape[1:], _source(reference))
+        meta = folder_meta(extractor, images.shape[1:], _source(reference))
     else:
         feats, size = folder_features(reference, extractor)
-        meta = _folder_meta(extractor, size, _source(reference))
+        meta = folder_meta(extractor, size, _source(reference))
     stats = compute_stats(feats, meta)
     if cache is not None:
         save_stats(cache, stats)
@@ -258,19 +249,14 @@ def _sweep(
     out_dir = Path(out_dir)
     rank, world = init_distributed()
     if pipe is None:
-        import torch
-
-        device = config.device
-        if device == "cuda":
-            device = f"cuda:{rank % torch.cuda.device_count()}"
-        pipe = load_pipeline(config.model, device)
+        pipe = load_pipeline(config.model, local_device(config.device))
     prompts = read_prompts(config.prompts)
     extractors = {name: get_extractor(name) for name in config.extractors}
     refs = {}
     if rank == 0:
         for name, ex in extractors.items():
             refs[name] = reference_stats(config.reference, ex, out_dir / "ref")
-    _barrier()
+    barrier()
     if rank != 0:
         refs = {name: reference_stats(config.reference, ex, out_dir / "ref") for name, ex in extractors.items()}
 
@@ -303,9 +289,9 @@ def _sweep(
         for name, ex in extractors.items():
             k = config.n_for(name)
             feats = sharded_features(folder, k, ex, config.batch_size)
-            meta = _folder_meta(ex, size, str(folder))
+            meta = folder_meta(ex, size, str(folder))
             s = score(feats, refs[name], meta, config.kid_subsets, config.kid_subset_size) if rank == 0 else None
-            s = _broadcast(s)
+            s = broadcast(s)
             row[f"fd_{name}"] = s["fd"]
             row[f"kid_{name}"] = s["kid"]
             row[f"kid_{name}_std"] = s["kid_std"]
@@ -315,23 +301,22 @@ def _sweep(
         rows.append(row)
         if rank == 0:
             write_results(rows, out_dir, config)
-    _barrier()
+    barrier()
     return rows
 
 
 def run_sweep(
-    sweep: str | Path | SweepConfig | argparse.Namespace,
+    sweep: str | Path | SweepConfig,
     out_dir: str | Path | None = None,
     *,
     pipe=None,
     n: int | None = None,
     progress: bool = True,
-) -> list[dict] | int:
+) -> list[dict]:
     """Run a sweep: generate every method's images, score them, write results.jsonl, results.md, pareto.png.
 
     Args:
-        sweep: a sweep TOML path or a `SweepConfig`. (An argparse namespace runs `fastdiff eval sweep`
-            and returns its exit status: the CLI dispatcher looks this name up.)
+        sweep: a sweep TOML path or a `SweepConfig`.
         out_dir: output folder (default runs/sweeps/<title>). Re-running resumes: valid images are kept.
         pipe: a ready pipeline to use instead of loading `model.name` (e.g. a random-weight test model).
         n: override eval.n (per-extractor N are capped at it).
@@ -342,13 +327,16 @@ def run_sweep(
         >>> rows = run_sweep("eval/sweeps/reference.toml", "runs/ref", n=200)
         >>> rows[0]["fd_lenet"], rows[0]["s_per_image"]
     """
-    if isinstance(sweep, argparse.Namespace):
-        return _run_sweep_cli(sweep)
     config = sweep if isinstance(sweep, SweepConfig) else load_sweep(sweep)
     if n is not None:
         config = _with_n(config, n)
-    out_dir = Path(out_dir) if out_dir is not None else Path("runs/sweeps") / _slug(config.title)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
     return _sweep(config, out_dir, pipe=pipe, progress=progress)
+
+
+def default_out_dir(config: SweepConfig) -> Path:
+    """Where `run_sweep` writes when no folder is given: runs/sweeps/<title>."""
+    return Path("runs/sweeps") / _slug(config.title)
 
 
 def _with_n(config: SweepConfig, n: int) -> SweepConfig:
@@ -457,79 +445,3 @@ def write_results(rows: list[dict], out_dir: str | Path, config: SweepConfig | N
     os.replace(tmp, out_dir / "results.jsonl")
     write_table(rows, out_dir / "results.md", config)
     write_pareto_plot(rows, out_dir / "pareto.png")
-
-
-# -- CLI: fastdiff eval sweep | ref | fid ---------------------------------------------------------------
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep", help="sweep TOML (e.g. eval/sweeps/reference.toml)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/sweeps/<title>)")
-    parser.add_argument("--n", type=int, default=None, help="override eval.n")
-
-
-def _run_sweep_cli(args: argparse.Namespace) -> int:
-    try:
-        rows = run_sweep(args.sweep, args.out, n=args.n)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff eval sweep: {err}", file=sys.stderr)
-        return 2
-    rank, _ = init_distributed()
-    if rank == 0:
-        config = load_sweep(args.sweep)
-        out = Path(args.out) if args.out else Path("runs/sweeps") / _slug(config.title)
-        print((out / "results.md").read_text())
-        print(f"wrote {out / 'results.jsonl'}, {out / 'results.md'}, {out / 'pareto.png'} ({len(rows)} methods)")
-    return 0
-
-
-def add_ref_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("folder", nargs="?", help="folder of images")
-    source.add_argument("--heldout", action="store_true", help="the reference model's 1,000 held-out digits")
-    parser.add_argument("--extractor", default="lenet", choices=EXTRACTORS)
-    parser.add_argument("--out", required=True, help="stats file (.npz; a .json sidecar is written beside it)")
-    parser.add_argument("--no-features", action="store_true", help="omit the features (no KID against it)")
-
-
-def run_ref(args: argparse.Namespace) -> int:
-    """`fastdiff eval ref`: stats (mu, sigma, n, features) + sidecar of a folder or of the held-out digits."""
-    try:
-        stats = reference_stats("heldout" if args.heldout else args.folder, get_extractor(args.extractor))
-        if args.no_features:
-            stats.features = None
-        path = save_stats(args.out, stats)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff eval ref: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} (+ {path.with_suffix('.json').name}): n = {stats.n}, {stats.meta['extractor']}")
-    return 0
-
-
-def add_fid_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="folder of generated images")
-    parser.add_argument("--ref", required=True, help="reference stats (.npz from `eval ref`) or a folder")
-    parser.add_argument("--extractor", default=None, choices=EXTRACTORS, help="default: the stats' extractor")
-    parser.add_argument("--kid-subsets", type=int, default=100)
-    parser.add_argument("--kid-subset-size", type=int, default=1000)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run_fid(args: argparse.Namespace) -> int:
-    """`fastdiff eval fid`: FD and KID of a folder against stats or another folder."""
-    try:
-        name = args.extractor
-        if name is None:
-            name = load_stats(args.ref).meta.get("extractor", "lenet") if args.ref.endswith(".npz") else "lenet"
-        ex = get_extractor(name)
-        ref = reference_stats(args.ref, ex)
-        feats, size = folder_features(args.folder, ex)
-        result = score(feats, ref, _folder_meta(ex, size, args.folder), args.kid_subsets, args.kid_subset_size)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff eval fid: {err}", file=sys.stderr)
-        return 2
-    result.update(n=len(feats), n_ref=ref.n, extractor=ex.name, build=ex.build)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        kid = "-" if result["kid"] is None else f"{result['kid']:.6f} ± {result['kid_std']:.6f}"
-        print(f"FD {result['fd']:.4f}  KID {kid}  (N = {len(feats)} vs {ref.n}, {ex.name}: {ex.build})")
-    return 0

@@ -14,11 +14,9 @@ jointly with what to skip, at a fixed compute budget, so that every stage-2 cand
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -381,87 +379,3 @@ def search_timesteps(
         candidates=[{**c.to_dict(), "fitness": f} for c, f in state.fitness.items()],
         skips=[list(pair) for pair in best.skips] if best.skips else None,
     )
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `fastdiff search`."""
-    parser.add_argument("--steps", type=int, required=True, help="K, the number of steps of the schedule")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="fd",
-                        help="fd/kid: reference-model digits vs training digits; exact: a built-in Gaussian mixture")
-    parser.add_argument("--out", default="schedule.json", help="schedule JSON to write")
-    parser.add_argument("--checkpoint", default=None, help="JSON checkpoint, updated per evaluation; resumed")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--population", type=int, default=16)
-    parser.add_argument("--parents", type=int, default=6)
-    parser.add_argument("--evaluations", type=int, default=80, help="stage-1 budget (objective evaluations)")
-    parser.add_argument("--num-samples", type=int, default=256, help="images per evaluation (fixed seeds)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
-    parser.add_argument("--reference-stats", default=None, help=".npz stats (default: 4000 training digits, lenet)")
-    parser.add_argument("--key-steps", type=int, default=None, help="stage 2: search this many key steps jointly")
-    parser.add_argument("--skips", type=int, default=None,
-                        help="stage 2 (the paper's): search this many skipped (step, layer) pairs jointly")
-    parser.add_argument("--max-skip-fraction", type=float, default=0.1,
-                        help="the most UNet layers skipped at one step, as a fraction (paper: 0.1)")
-    parser.add_argument("--stage2-evaluations", type=int, default=40)
-    parser.add_argument("--device", default="cpu")
-
-
-def _demo_mixture():
-    """The CLI's exact-objective toy: a seeded 3-component mixture in 1x4x4."""
-    from fastdiff.testing import GaussianMixtureDenoiser
-
-    gen = torch.Generator().manual_seed(0)
-    return GaussianMixtureDenoiser(means=torch.rand((3, 1, 4, 4), generator=gen, dtype=torch.float64) * 2 - 1,
-                                   stds=torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64))
-
-
-def run_search(args: argparse.Namespace) -> int:
-    """`fastdiff search`: run the search with a progress bar, write the schedule JSON; bad input exits 2."""
-    try:
-        return _run_search(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff search: {err}", file=sys.stderr)
-        return 2
-
-
-def _run_search(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    config = SearchConfig(seed=args.seed, population_size=args.population, num_parents=args.parents,
-                          max_evaluations=args.evaluations, num_samples=args.num_samples,
-                          pipe_kwargs={} if args.objective == "exact" else {"guidance_scale": args.guidance_scale},
-                          reference_stats=args.reference_stats, num_key_steps=args.key_steps,
-                          num_skips=args.skips, max_skip_fraction=args.max_skip_fraction,
-                          stage2_evaluations=args.stage2_evaluations)
-    if args.objective == "exact":
-        pipe = _demo_mixture()
-    else:
-        from diffusers import DPMSolverMultistepScheduler
-
-        from fastdiff.models import load_reference_pipeline
-
-        pipe = load_reference_pipeline(device=args.device)
-        # DPM-Solver++ 2M from the model's config, as in eval/sweeps/reference.toml
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, solver_order=2)
-        pipe.set_progress_bar_config(disable=True)
-    stage2 = config.num_key_steps is not None or config.num_skips is not None
-    total = config.max_evaluations + (config.stage2_evaluations if stage2 else 0)
-    bar = tqdm(total=total, desc=f"search K={args.steps}", dynamic_ncols=True)
-
-    def progress(c: Candidate, value: float, state: EvolutionState) -> None:
-        bar.update(1)
-        bar.set_postfix(best=f"{min(state.fitness.values()):.4g}", gen=state.generations)
-
-    try:
-        result = search_timesteps(pipe, args.steps, args.objective, config, checkpoint=args.checkpoint,
-                                  on_evaluation=progress)
-    finally:
-        bar.close()
-    path = result.save(args.out)
-    keys = f" key_steps={result.key_steps}" if result.key_steps else ""
-    keys += f" skips={result.skips}" if result.skips else ""
-    print(f"timesteps={result.timesteps}{keys} {result.objective}={result.fitness:.4f} "
-          f"evaluations={result.evaluations} wall={result.wall_time_s:.0f}s -> {path}")
-    return 0
-
