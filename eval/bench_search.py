@@ -128,11 +128,12 @@ def _reference(smoke: bool):
 
 def _objectives(pipe, clf, train_images, held_images, n_search: int, n_eval: int, search_seed: int):
     """The search objective and two held-out-seed scorers: vs the training digits and vs the held-out digits."""
-    from fastdiff.search.objectives import PipelineObjective, ReferenceStats
+    from fastdiff.eval.metrics import compute_stats
+    from fastdiff.search.objectives import PipelineObjective
 
     with torch.no_grad():
-        train_ref = ReferenceStats.from_features(clf.features(train_images[:4000]), "lenet")
-        held_ref = ReferenceStats.from_features(clf.features(held_images), "lenet")
+        train_ref = compute_stats(clf.features(train_images[:4000]), {"extractor": "lenet"})
+        held_ref = compute_stats(clf.features(held_images), {"extractor": "lenet"})
     search = PipelineObjective(pipe, clf.features, train_ref, extractor="lenet", num_samples=n_search,
                                seed=search_seed, per_image_kwargs={"class_labels": [i % 10 for i in range(n_search)]})
     held = PipelineObjective(pipe, clf.features, held_ref, extractor="lenet", num_samples=n_eval, seed=0,

@@ -25,7 +25,9 @@ from typing import Any, Literal
 
 import torch
 
+from fastdiff.eval.metrics import compute_stats, load_stats
 from fastdiff.schedulers.flow_check import refuse_flow_matching
+from fastdiff.schedulers.schedules import load_schedule, save_schedule
 from fastdiff.search.evolutionary import (
     Candidate,
     EvolutionState,
@@ -34,13 +36,7 @@ from fastdiff.search.evolutionary import (
     make_candidate,
     random_candidate,
 )
-from fastdiff.search.objectives import (
-    ExactObjective,
-    FitnessCache,
-    PipelineObjective,
-    ReferenceStats,
-    dpmsolver_for,
-)
+from fastdiff.search.objectives import ExactObjective, FitnessCache, PipelineObjective, dpmsolver_for
 
 ObjectiveName = Literal["fd", "kid", "exact"]
 OBJECTIVES = ("fd", "kid", "exact")
@@ -177,23 +173,11 @@ class SearchResult:
         """Write the schedule JSON (fastdiff.schedulers.schedules format) with the search record as metadata."""
         meta = {k: v for k, v in dataclasses.asdict(self).items() if k != "timesteps"}
         meta["method"] = "autodiffusion"
-        try:
-            from fastdiff.schedulers.schedules import save_schedule
-        except ImportError:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"format": "fastdiff.schedule", "version": 1, "timesteps": self.timesteps,
-                                        **meta}, indent=2) + "\n")
-            return path
         return save_schedule(path, self.timesteps, **meta)
 
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
-        try:
-            from fastdiff.schedulers.schedules import load_schedule
-            record = load_schedule(path)
-        except ImportError:
-            record = json.loads(Path(path).read_text())
+        record = load_schedule(path)
         names = {f.name for f in dataclasses.fields(cls)}
         if "fitness" not in record:
             raise ValueError(f"{path} is a schedule but not a search result (no 'fitness'); use load_schedule.")
@@ -219,18 +203,18 @@ def _reference_objective(pipe, metric: str, config: SearchConfig) -> PipelineObj
 
     if not isinstance(pipe, ReferencePipeline):
         raise ValueError(f"objective={metric!r} by name works for the reference model only; for another pipeline pass "
-                         "objectives.PipelineObjective(pipe, features, ReferenceStats...) as the objective.")
+                         "objectives.PipelineObjective(pipe, features, FeatureStats...) as the objective.")
     if config.extractor != "lenet":
         raise ValueError(f"the built-in objective uses the 'lenet' digit features, not {config.extractor!r}.")
     clf = load_digit_classifier(device=str(pipe.device))
     if config.reference_stats is not None:
-        reference = ReferenceStats.from_file(config.reference_stats)
+        reference = load_stats(config.reference_stats)
     else:
         from fastdiff.models.data import load_digits
 
         images, _ = load_digits("train")  # the held-out digits stay unseen, for evaluating the result
         with torch.no_grad():
-            reference = ReferenceStats.from_features(clf.features(images[:4000].to(pipe.device)).cpu(), "lenet")
+            reference = compute_stats(clf.features(images[:4000].to(pipe.device)).cpu(), {"extractor": "lenet"})
     labels = [i % 10 for i in range(config.num_samples)]
     return PipelineObjective(pipe, clf.features, reference, extractor="lenet", metric=metric,  # type: ignore[arg-type]
                              num_samples=config.num_samples, seed=config.image_seed, pipe_kwargs=config.pipe_kwargs,
