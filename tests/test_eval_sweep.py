@@ -14,7 +14,8 @@ from fastdiff.cli import main
 from fastdiff.eval import compute_stats, run_sweep
 from fastdiff.eval.features import folder_features
 from fastdiff.eval.methods import MethodSpec
-from fastdiff.eval.sweep import SweepConfig, load_sweep, pareto_front
+from fastdiff.eval.report import pareto_front
+from fastdiff.eval.sweep import SweepConfig, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,17 +22,15 @@ A sweep is a TOML file: a model x methods x N x base seed, scored with named fea
 
 `run_sweep` writes, under the output folder: images/<method>/{index:06d}.png, ref/ (reference stats
 with sidecars), results.jsonl (one row per method), results.md (a table) and pareto.png (FD vs
-s/image, log x). It runs the same under `torchrun --nproc_per_node N` (images and features sharded).
+s/image, log x), the last three through `fastdiff.eval.report`. It runs the same under
+`torchrun --nproc_per_node N` (images and features sharded).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +49,9 @@ from fastdiff.eval.metrics import (
     load_stats,
     save_stats,
 )
+from fastdiff.eval.report import write_results
 
-__all__ = ["SweepConfig", "load_sweep", "run_sweep", "reference_stats", "write_table", "write_pareto_plot"]
+__all__ = ["SweepConfig", "load_sweep", "run_sweep", "reference_stats", "score", "default_out_dir"]
 
 MODEL_KEYS = ("name", "prompts", "device", "pipe_kwargs")
 EVAL_KEYS = (
@@ -240,67 +239,80 @@ def score(
 
 
 # -- the sweep ----------------------------------------------------------------------------------------
-def _sweep(
-    config: SweepConfig,
-    out_dir: str | Path,
-    pipe=None,
-    progress: bool = True,
-) -> list[dict]:
+def _reference_stats_all(config: SweepConfig, extractors: dict, cache_dir: Path) -> dict[str, FeatureStats]:
+    """Reference stats per extractor: rank 0 computes and caches them first, the other ranks then read the cache."""
+    rank, _ = init_distributed()
+    refs = {}
+    if rank == 0:
+        refs = {name: reference_stats(config.reference, ex, cache_dir) for name, ex in extractors.items()}
+    barrier()
+    if rank != 0:
+        refs = {name: reference_stats(config.reference, ex, cache_dir) for name, ex in extractors.items()}
+    return refs
+
+
+def _generation_row(config: SweepConfig, method: MethodSpec, gen, folder: Path) -> dict[str, Any]:
+    """The method's row of results.jsonl before scoring: what was generated, how fast, on what."""
+    return {
+        "method": method.name,
+        "spec": method.to_dict(),
+        "model": config.model,
+        "n": config.n,
+        "base_seed": config.base_seed,
+        "nfe": gen.nfe,
+        "unet_calls": gen.unet_calls,
+        "unet_rows_per_image": gen.unet_rows_per_image,
+        "s_per_image": gen.s_per_image,
+        "images_per_s": gen.images_per_s,
+        "world_size": gen.world_size,
+        "batch_size": config.batch_size,
+        "peak_mem_mb": round(gen.peak_mem_mb, 1),
+        "peak_mem_kind": gen.peak_mem_kind,
+        "hardware": gen.hardware,
+        "versions": versions(),
+        "images": str(folder),
+    }
+
+
+def _score_folder(config: SweepConfig, folder: Path, extractors: dict, refs: dict) -> dict[str, Any]:
+    """fd_/kid_/kid_*_std/n_/extractor_ columns of a method's images, per extractor (the same on every rank)."""
+    rank, _ = init_distributed()
+    size = tuple(load_images([image_path(folder, 0)]).shape[1:])
+    columns: dict[str, Any] = {}
+    for name, ex in extractors.items():
+        k = config.n_for(name)
+        feats = sharded_features(folder, k, ex, config.batch_size)
+        meta = folder_meta(ex, size, str(folder))
+        s = score(feats, refs[name], meta, config.kid_subsets, config.kid_subset_size) if rank == 0 else None
+        s = broadcast(s)
+        columns[f"fd_{name}"] = s["fd"]
+        columns[f"kid_{name}"] = s["kid"]
+        columns[f"kid_{name}_std"] = s["kid_std"]
+        columns[f"n_{name}"] = k
+        columns[f"extractor_{name}"] = ex.build
+    return columns
+
+
+def _sweep(config: SweepConfig, out_dir: str | Path, pipe=None, progress: bool = True) -> list[dict]:
     out_dir = Path(out_dir)
-    rank, world = init_distributed()
+    rank, _ = init_distributed()
     if pipe is None:
         pipe = load_pipeline(config.model, local_device(config.device))
     prompts = read_prompts(config.prompts)
     extractors = {name: get_extractor(name) for name in config.extractors}
-    refs = {}
-    if rank == 0:
-        for name, ex in extractors.items():
-            refs[name] = reference_stats(config.reference, ex, out_dir / "ref")
-    barrier()
-    if rank != 0:
-        refs = {name: reference_stats(config.reference, ex, out_dir / "ref") for name, ex in extractors.items()}
-
+    refs = _reference_stats_all(config, extractors, out_dir / "ref")
     rows: list[dict] = []
     for method in config.methods:
         folder = out_dir / "images" / _slug(method.name)
         gen = generate_images(
             pipe, method, folder, config.n, config.base_seed, config.batch_size, prompts, config.pipe_kwargs, progress
         )
-        row: dict[str, Any] = {
-            "method": method.name,
-            "spec": method.to_dict(),
-            "model": config.model,
-            "n": config.n,
-            "base_seed": config.base_seed,
-            "nfe": gen.nfe,
-            "unet_calls": gen.unet_calls,
-            "unet_rows_per_image": gen.unet_rows_per_image,
-            "s_per_image": gen.s_per_image,
-            "images_per_s": gen.images_per_s,
-            "world_size": gen.world_size,
-            "batch_size": config.batch_size,
-            "peak_mem_mb": round(gen.peak_mem_mb, 1),
-            "peak_mem_kind": gen.peak_mem_kind,
-            "hardware": gen.hardware,
-            "versions": versions(),
-            "images": str(folder),
-        }
-        size = tuple(load_images([image_path(folder, 0)]).shape[1:])
-        for name, ex in extractors.items():
-            k = config.n_for(name)
-            feats = sharded_features(folder, k, ex, config.batch_size)
-            meta = folder_meta(ex, size, str(folder))
-            s = score(feats, refs[name], meta, config.kid_subsets, config.kid_subset_size) if rank == 0 else None
-            s = broadcast(s)
-            row[f"fd_{name}"] = s["fd"]
-            row[f"kid_{name}"] = s["kid"]
-            row[f"kid_{name}_std"] = s["kid_std"]
-            row[f"n_{name}"] = k
-            row[f"extractor_{name}"] = ex.build
+        row = _generation_row(config, method, gen, folder)
+        row.update(_score_folder(config, folder, extractors, refs))
         row["reference"] = {name: {"source": r.meta.get("source"), "n": r.n} for name, r in refs.items()}
         rows.append(row)
         if rank == 0:
-            write_results(rows, out_dir, config)
+            write_results(rows, out_dir, config.title)
     barrier()
     return rows
 
@@ -344,104 +356,3 @@ def _with_n(config: SweepConfig, n: int) -> SweepConfig:
 
     per = {k: min(v, n) for k, v in config.n_per_extractor.items()}
     return replace(config, n=n, n_per_extractor=per)
-
-
-# -- outputs ------------------------------------------------------------------------------------------
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e6:
-        return str(int(value))
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.{digits}f}"
-    return str(value)
-
-
-def write_table(rows: list[dict], path: str | Path, config: SweepConfig | None = None) -> str:
-    """A markdown table of the rows (FD and KID x 1e3 per extractor, NFE, UNet calls, s/image, images/s)."""
-    if not rows:
-        raise ValueError("no rows to tabulate.")
-    extractors = [k[3:] for k in rows[0] if k.startswith("fd_")]
-    first = rows[0]
-    lines = [f"# {config.title if config else 'sweep'}: quality vs speed", ""]
-    lines.append(f"- model: `{first['model']}`; N = {first['n']} images per method, seeds {first['base_seed']}..")
-    lines[-1] += f"{first['base_seed'] + first['n'] - 1} (image i: seed base + i, one generator per image)"
-    for name in extractors:
-        ref = first["reference"][name]
-        lines.append(
-            f"- `{name}` features: {first[f'extractor_{name}']}; scored on N = {first[f'n_{name}']} samples "
-            f"against {ref['source']} (N = {ref['n']})"
-        )
-    lines.append(f"- hardware: {first['hardware']}; processes: {first['world_size']}; batch {first['batch_size']}")
-    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()))
-    lines.append("- s/image = generation wall time / images (all processes together); KID shown x 1e3 (± subset std)")
-    lines.append(f"- written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
-    lines.append("")
-    header = ["method", "NFE", "UNet calls", "UNet rows/image"]
-    for name in extractors:
-        header += [f"FD {name}", f"KID {name} x1e3"]
-    header += ["s/image", "images/s", "peak MB"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-    for r in rows:
-        cells = [r["method"], _fmt(r["nfe"]), _fmt(r["unet_calls"], 4), _fmt(r.get("unet_rows_per_image"), 4)]
-        for name in extractors:
-            kid = r[f"kid_{name}"]
-            kid_txt = "-" if kid is None else f"{kid * 1e3:.2f} ± {r[f'kid_{name}_std'] * 1e3:.2f}"
-            cells += [f"{r[f'fd_{name}']:.3f}", kid_txt]
-        cells += [_fmt(r["s_per_image"], 4), _fmt(r["images_per_s"], 3), _fmt(r["peak_mem_mb"], 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    Path(path).write_text(text)
-    return text
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points (cost, error) not dominated by another (lower cost and lower error), by cost."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
-    front, best = [], float("inf")
-    for i in order:
-        if points[i][1] < best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def write_pareto_plot(rows: list[dict], path: str | Path) -> Path:
-    """FD vs seconds per image (log x), one panel per extractor, labelled points and the Pareto front."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    extractors = [k[3:] for k in rows[0] if k.startswith("fd_")]
-    fig, axes = plt.subplots(1, len(extractors), figsize=(6 * len(extractors), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], extractors):
-        usable = [r for r in rows if r["s_per_image"]]
-        pts = [(r["s_per_image"], r[f"fd_{name}"]) for r in usable]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
-        for r, (x, y) in zip(usable, pts):
-            ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        front = pareto_front(pts)
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:orange", label="Pareto front")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"seconds per image ({rows[0]['world_size']} process(es))")
-        ax.set_ylabel(f"FD ({name} features, N = {rows[0][f'n_{name}']})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"quality vs speed: {rows[0]['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def write_results(rows: list[dict], out_dir: str | Path, config: SweepConfig | None = None) -> None:
-    """results.jsonl (atomic rewrite), results.md and pareto.png in `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "results.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    os.replace(tmp, out_dir / "results.jsonl")
-    write_table(rows, out_dir / "results.md", config)
-    write_pareto_plot(rows, out_dir / "pareto.png")

@@ -395,6 +395,9 @@ def svdd_sample(pipe, reward_fn: RewardFn, config: SVDDConfig | None = None, **p
         ...                   generator=[torch.Generator().manual_seed(i) for i in range(4)])
         >>> out.images.shape, out.nfe
         (torch.Size([4, 1, 32, 32]), 193.0)
+
+    Long by design: the paper's Algorithm 1 as one loop (M children, their soft values, keep one per image),
+    so that each numbered step below maps to a line of the algorithm.
     """
     config = config or SVDDConfig()
     refuse_flow_matching(pipe, "svdd_sample", "a stochastic flow-matching step and x0 from velocity predictions "

@@ -94,6 +94,8 @@ def train_value_function(
         ...                            sample_kwargs=dict(num_inference_steps=25, eta=1.0))
         >>> net(torch.randn(2, 4, 16, 16), torch.tensor([999, 10])).shape
         torch.Size([2])
+
+    Long by design: data, standardisation and the regression loop together (~40 lines of code), as one recipe.
     """
     from fastdiff.guidance.rewards import validate_reward
     from fastdiff.guidance.svdd import decode_latents

@@ -82,6 +82,9 @@ class ReferencePipeline(DiffusionPipeline):
             generator: one generator, or one per image (an image then depends only on its own seed).
             eta: passed to schedulers whose `step` takes it (DDIM).
             output_type: "pil", "np" (B, 32, 32, 1), "pt" (B, 1, 32, 32), all in [0, 1]; or "latent".
+
+        Long by design: the layout of diffusers' own pipeline `__call__` (check inputs, timesteps, latents,
+        denoising loop with CFG and step callback, decode), so that every hook meets a familiar pipeline.
         """
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 

@@ -84,6 +84,9 @@ def train_diffusion(
     `prediction_type` is "epsilon" or "v_prediction" (the regression target). `init_from`: a checkpoint of
     an earlier run whose weights (raw and EMA) start this one when `checkpoint` does not exist yet (a
     warm start with a fresh optimizer and learning-rate schedule).
+
+    Long by design: the training loop with its resumable state (model, EMA, optimizer, generator, losses) in
+    one function, so that what a checkpoint holds and what a step does read side by side.
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}.")
