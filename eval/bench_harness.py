@@ -39,8 +39,8 @@ def _pipe():
         from diffusers import DDIMScheduler
 
         from fastdiff.models.pipeline import ReferencePipeline
-        from fastdiff.models.train import SCHEDULER_CONFIG
         from fastdiff.models.unet import build_reference_unet
+        from fastdiff.models.weights import SCHEDULER_CONFIG
 
         pipe = ReferencePipeline(unet=build_reference_unet(0).eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
         weights = "reference architecture, random weights (trained weights absent)"

@@ -108,8 +108,8 @@ def _reference(smoke: bool):
 
         from fastdiff.models.classifier import DigitClassifier
         from fastdiff.models.pipeline import ReferencePipeline
-        from fastdiff.models.train import SCHEDULER_CONFIG
         from fastdiff.models.unet import build_reference_unet
+        from fastdiff.models.weights import SCHEDULER_CONFIG
 
         pipe = ReferencePipeline(unet=build_reference_unet().eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
         clf = DigitClassifier().eval().requires_grad_(False)
@@ -357,7 +357,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path("/tmp/bench_search_smoke") if args.smoke else args.out
     if not args.smoke and {"reference", "joint", "skips"} & set(args.part):
-        from fastdiff.models.train import UNET_FILE, WEIGHTS_DIR
+        from fastdiff.models.weights import UNET_FILE, WEIGHTS_DIR
 
         if not (WEIGHTS_DIR / UNET_FILE).exists():
             print(f"{WEIGHTS_DIR / UNET_FILE} is missing: run `fastdiff train-reference` first "

@@ -29,8 +29,8 @@ SIZE = dict(height=64, width=64)
 
 def _reference_pipeline():
     from fastdiff.models.pipeline import ReferencePipeline
-    from fastdiff.models.train import SCHEDULER_CONFIG
     from fastdiff.models.unet import build_reference_unet
+    from fastdiff.models.weights import SCHEDULER_CONFIG
 
     pipe = ReferencePipeline(unet=build_reference_unet().eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
     pipe.set_progress_bar_config(disable=True)

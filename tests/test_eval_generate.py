@@ -29,7 +29,7 @@ WORKER = textwrap.dedent(
     from fastdiff.eval.methods import MethodSpec
     from fastdiff.eval.sweep import SweepConfig, run_sweep
     from fastdiff.models.pipeline import ReferencePipeline
-    from fastdiff.models.train import SCHEDULER_CONFIG
+    from fastdiff.models.weights import SCHEDULER_CONFIG
     from fastdiff.models.unet import build_reference_unet
 
 
@@ -174,8 +174,8 @@ def pipe():
     from diffusers import DDIMScheduler
 
     from fastdiff.models.pipeline import ReferencePipeline
-    from fastdiff.models.train import SCHEDULER_CONFIG
     from fastdiff.models.unet import build_reference_unet
+    from fastdiff.models.weights import SCHEDULER_CONFIG
 
     p = ReferencePipeline(unet=build_reference_unet(0).eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
     p.set_progress_bar_config(disable=True)

@@ -430,8 +430,8 @@ def test_swap_into_tiny_pipelines_matches_diffusers(which, tmp_path):
 
 def test_swap_into_reference_pipeline():
     from fastdiff.models.pipeline import ReferencePipeline
-    from fastdiff.models.train import SCHEDULER_CONFIG
     from fastdiff.models.unet import build_reference_unet
+    from fastdiff.models.weights import SCHEDULER_CONFIG
 
     pipe = ReferencePipeline(unet=build_reference_unet(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731

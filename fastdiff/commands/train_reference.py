@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastdiff.models.train import SCHEDULER_CONFIG, WEIGHTS_DIR
+from fastdiff.models.weights import SCHEDULER_CONFIG, WEIGHTS_DIR
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -20,22 +20,14 @@ from tqdm.auto import tqdm
 from fastdiff.models.classifier import DigitClassifier
 from fastdiff.models.data import NUM_HELD_OUT, SPLIT_SEED, load_digits
 from fastdiff.models.unet import NULL_LABEL, UNET_CONFIG, build_reference_unet, encode, label_condition
-
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-UNET_FILE = "reference_unet.safetensors"
-SCHEDULER_FILE = "reference_scheduler.json"
-CLASSIFIER_FILE = "digit_classifier.safetensors"
-RECORD_FILE = "reference_model.json"
-
-# Linear betas (a cosine schedule with alpha_bar(T) ~ 0 makes DPM-Solver++ diverge on small pixel models).
-# v-prediction (Salimans & Ho 2022, arXiv 2202.00512): with epsilon-prediction, x0 = (x_t - sigma eps) / alpha
-# multiplies the epsilon error by 1/alpha (~160 at t = 999 here), and the measured epsilon model's small,
-# image-wide per-channel biases at high noise turned every deterministic (ODE) sampler's output into stripes.
-# With v, the x0 error is at most the v error. x0 is clipped to [-1, 1] (pixel space), so 10-50-step samplers
-# work as is. The shipped default sampler is DDPM (ancestral) at 50 steps without guidance (pipeline.py).
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True,
-    set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing", prediction_type="v_prediction",
+from fastdiff.models.weights import (
+    CLASSIFIER_FILE,
+    RECORD_FILE,
+    SCHEDULER_CONFIG,
+    SCHEDULER_FILE,
+    UNET_FILE,
+    WEIGHTS_DIR,
+    scheduler_config,
 )
 
 
@@ -43,11 +35,6 @@ def _atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def scheduler_config(prediction_type: str | None = None) -> dict:
-    """SCHEDULER_CONFIG for a model trained with `prediction_type` (default: the shipped one)."""
-    return {**SCHEDULER_CONFIG, "prediction_type": prediction_type or SCHEDULER_CONFIG["prediction_type"]}
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int = 200) -> float:
