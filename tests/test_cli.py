@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fastdiff import cli
+from fastdiff import cli, commands
 
 
 def test_help_lists_every_subcommand():
@@ -29,7 +29,7 @@ def test_subcommand_help(argv):
     assert info.value.code == 0
 
 
-@pytest.mark.parametrize("command", list(cli.COMMANDS))
+@pytest.mark.parametrize("command", list(commands.COMMANDS))
 def test_help_of_a_command_loads_only_its_own_module(command):
     """`fastdiff <command> --help` imports that command's module and no other command's."""
     code = (
@@ -39,4 +39,4 @@ def test_help_of_a_command_loads_only_its_own_module(command):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = eval(out.strip().splitlines()[-1])
-    assert loaded == [cli.command_module(command).__name__]
+    assert loaded == [commands.command_module(command).__name__]
