@@ -64,6 +64,36 @@ def test_no_import_cycles():
             visit(name, [name])
 
 
+# what each part of fastdiff may import from the others (docs/architecture.md); "*" = anything
+ALLOWED = {
+    "schedulers": set(), "clock": set(), "lazy": set(), "models": set(), "testing": set(),
+    "compose": {"clock"}, "hooks": {"clock", "compose"}, "parallel": {"clock", "compose"},
+    "guidance": {"schedulers", "clock", "compose", "models"},
+    "search": {"schedulers", "hooks", "eval.metrics", "models", "testing"},
+    "eval": {"compose", "schedulers", "models", ""},  # "": the package root (`from fastdiff import __version__`)
+    "commands": {"*"}, "cli": {"commands"}, "": {"*"},
+}
+
+
+def _part(module: str) -> str:
+    """'fastdiff.eval.sweep' -> 'eval', 'fastdiff.clock' -> 'clock', 'fastdiff' -> ''."""
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def test_each_package_imports_only_what_docs_architecture_allows():
+    offenders = []
+    for name, path in MODULES.items():
+        allowed = ALLOWED[_part(name)] | {"lazy"}  # every package's __init__ may export lazily
+        for module, names in _imports(path, top_level_only=False):
+            if not module.startswith("fastdiff") or _part(module) == _part(name) or "*" in allowed:
+                continue
+            targets = [f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES] or [module]
+            for target in targets:
+                if _part(target) not in allowed and ".".join(target.split(".")[1:3]) not in allowed:
+                    offenders.append(f"{name} imports {target}")
+    assert offenders == []
+
+
 def test_argparse_only_in_the_commands_package():
     offenders = [name for name, path in MODULES.items()
                  if not name.startswith("fastdiff.commands")
