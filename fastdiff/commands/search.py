@@ -63,7 +63,14 @@ def run(args: argparse.Namespace) -> int:
                           reference_stats=args.reference_stats, num_key_steps=args.key_steps,
                           num_skips=args.skips, max_skip_fraction=args.max_skip_fraction,
                           stage2_evaluations=args.stage2_evaluations)
-    pipe = demo_mixture() if args.objective == "exact" else reference_pipeline(args.device)
+    features = reference = None
+    if args.objective == "exact":
+        pipe = demo_mixture()
+    else:  # the built-in model, scored with its digit features against 4000 training digits (or --reference-stats)
+        from fastdiff.search.objectives import digit_reference
+
+        pipe = reference_pipeline(args.device)
+        features, reference = digit_reference(args.device, args.reference_stats)
     stage2 = config.num_key_steps is not None or config.num_skips is not None
     total = config.max_evaluations + (config.stage2_evaluations if stage2 else 0)
     bar = tqdm(total=total, desc=f"search K={args.steps}", dynamic_ncols=True)
@@ -73,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(best=f"{min(state.fitness.values()):.4g}", gen=state.generations)
 
     try:
-        result = search_timesteps(pipe, args.steps, args.objective, config, checkpoint=args.checkpoint,
-                                  on_evaluation=progress)
+        result = search_timesteps(pipe, args.steps, args.objective, config, features=features, reference=reference,
+                                  checkpoint=args.checkpoint, on_evaluation=progress)
     finally:
         bar.close()
     path = result.save(args.out)

@@ -17,7 +17,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fastdiff.eval.metrics import FeatureStats, check_compatible, compute_stats, frechet_distance, kernel_distance
+from fastdiff.eval.metrics import (
+    FeatureStats,
+    check_compatible,
+    compute_stats,
+    frechet_distance,
+    kernel_distance,
+    load_stats,
+)
 from fastdiff.search.evolutionary import Candidate, make_candidate
 
 Metric = Literal["fd", "kid"]
@@ -223,3 +230,22 @@ def _skipping(pipe, skips: Sequence[tuple[int, int]]):
     from fastdiff.hooks import BlockSkipConfig, block_skip
 
     return block_skip(pipe, BlockSkipConfig(skips=list(skips)))
+
+
+def digit_reference(device: str | torch.device = "cpu", reference_stats: str | None = None):
+    """The built-in model's search inputs: the shipped digit classifier's features (`lenet`) and reference stats.
+
+    The stats are `reference_stats` (an `.npz`) or those of the first 4000 training digits, so that the
+    held-out digits stay unseen by a search and can score its result. Returns (features, FeatureStats).
+    """
+    from fastdiff.models import load_digit_classifier
+
+    clf = load_digit_classifier(device=str(device))
+    if reference_stats is not None:
+        return clf.features, load_stats(reference_stats)
+    from fastdiff.models.data import load_digits
+
+    images, _ = load_digits("train")
+    with torch.no_grad():
+        reference = compute_stats(clf.features(images[:4000].to(device)).cpu(), {"extractor": "lenet"})
+    return clf.features, reference
