@@ -101,9 +101,7 @@ def train_value_function(
     from fastdiff.guidance.svdd import decode_latents
 
     if latents is None:
-        from fastdiff.models.pipeline import ReferencePipeline
-
-        chunk = 256 if isinstance(pipe, ReferencePipeline) else 16
+        chunk = 16 if hasattr(pipe, "vae") else 256  # a VAE decode is the costly part of a big chunk
         latents = _generate_latents(pipe, num_samples, dict(sample_kwargs or {}), chunk, seed)
     latents = latents.detach().float().cpu()
     rewards = torch.cat([validate_reward(reward_fn(decode_latents(pipe, chunk)), len(chunk))
