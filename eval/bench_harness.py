@@ -39,8 +39,8 @@ def _pipe():
         from diffusers import DDIMScheduler
 
         from fastdiff.models.pipeline import ReferencePipeline
-        from fastdiff.models.train import SCHEDULER_CONFIG
         from fastdiff.models.unet import build_reference_unet
+        from fastdiff.models.weights import SCHEDULER_CONFIG
 
         pipe = ReferencePipeline(unet=build_reference_unet(0).eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
         weights = "reference architecture, random weights (trained weights absent)"
@@ -51,7 +51,8 @@ def _pipe():
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from fastdiff.eval.generate import generate_images, init_distributed
+    from fastdiff.eval.distributed import init_distributed
+    from fastdiff.eval.generate import generate_images
     from fastdiff.eval.methods import MethodSpec
 
     rank, world = init_distributed()

@@ -445,7 +445,7 @@ def main(argv=None) -> int:
         print("(d) peer solvers", flush=True)
         results["peers"] = bench_peers()
     if "c" in parts:
-        from fastdiff.models.train import UNET_FILE, WEIGHTS_DIR
+        from fastdiff.models.weights import UNET_FILE, WEIGHTS_DIR
 
         if not (WEIGHTS_DIR / UNET_FILE).exists():
             print(f"(c) skipped: {WEIGHTS_DIR / UNET_FILE} does not exist yet (run `fastdiff train-reference`).")

@@ -108,8 +108,8 @@ def _reference(smoke: bool):
 
         from fastdiff.models.classifier import DigitClassifier
         from fastdiff.models.pipeline import ReferencePipeline
-        from fastdiff.models.train import SCHEDULER_CONFIG
         from fastdiff.models.unet import build_reference_unet
+        from fastdiff.models.weights import SCHEDULER_CONFIG
 
         pipe = ReferencePipeline(unet=build_reference_unet().eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
         clf = DigitClassifier().eval().requires_grad_(False)
@@ -128,11 +128,12 @@ def _reference(smoke: bool):
 
 def _objectives(pipe, clf, train_images, held_images, n_search: int, n_eval: int, search_seed: int):
     """The search objective and two held-out-seed scorers: vs the training digits and vs the held-out digits."""
-    from fastdiff.search.objectives import PipelineObjective, ReferenceStats
+    from fastdiff.eval.metrics import compute_stats
+    from fastdiff.search.objectives import PipelineObjective
 
     with torch.no_grad():
-        train_ref = ReferenceStats.from_features(clf.features(train_images[:4000]), "lenet")
-        held_ref = ReferenceStats.from_features(clf.features(held_images), "lenet")
+        train_ref = compute_stats(clf.features(train_images[:4000]), {"extractor": "lenet"})
+        held_ref = compute_stats(clf.features(held_images), {"extractor": "lenet"})
     search = PipelineObjective(pipe, clf.features, train_ref, extractor="lenet", num_samples=n_search,
                                seed=search_seed, per_image_kwargs={"class_labels": [i % 10 for i in range(n_search)]})
     held = PipelineObjective(pipe, clf.features, held_ref, extractor="lenet", num_samples=n_eval, seed=0,
@@ -356,7 +357,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path("/tmp/bench_search_smoke") if args.smoke else args.out
     if not args.smoke and {"reference", "joint", "skips"} & set(args.part):
-        from fastdiff.models.train import UNET_FILE, WEIGHTS_DIR
+        from fastdiff.models.weights import UNET_FILE, WEIGHTS_DIR
 
         if not (WEIGHTS_DIR / UNET_FILE).exists():
             print(f"{WEIGHTS_DIR / UNET_FILE} is missing: run `fastdiff train-reference` first "

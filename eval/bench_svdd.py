@@ -35,8 +35,8 @@ def load_models(smoke: bool):
     from fastdiff.models import load_digit_classifier, load_reference_pipeline
     from fastdiff.models.classifier import DigitClassifier
     from fastdiff.models.pipeline import ReferencePipeline
-    from fastdiff.models.train import SCHEDULER_CONFIG
     from fastdiff.models.unet import build_reference_unet
+    from fastdiff.models.weights import SCHEDULER_CONFIG
 
     if smoke:
         pipe = ReferencePipeline(unet=build_reference_unet().eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))

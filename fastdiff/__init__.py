@@ -6,8 +6,7 @@ torchvision or clean-fid, touches the network or starts a process group.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastdiff.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -15,10 +14,6 @@ _SUBPACKAGES = ("schedulers", "hooks", "search", "parallel", "guidance", "eval",
 
 __all__ = ["__version__", "apply", "remove", *_SUBPACKAGES]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"fastdiff.{name}")
-    if name in ("apply", "remove"):  # the one door for every accelerator (fastdiff.compose)
-        return getattr(importlib.import_module("fastdiff.compose"), name)
-    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
+# the one door for every accelerator (fastdiff.compose), and the subpackages on first use
+__getattr__ = lazy_exports(__name__, {"apply": "fastdiff.compose", "remove": "fastdiff.compose",
+                                      **{name: f"fastdiff.{name}" for name in _SUBPACKAGES}})

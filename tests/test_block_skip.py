@@ -160,13 +160,14 @@ def test_skip_genes_respect_the_budget_and_the_per_step_bound():
 def test_stage2_layer_skip_search_is_seeded_budgeted_and_applies():
     from diffusers import DPMSolverMultistepScheduler
 
-    from fastdiff.search.objectives import PipelineObjective, ReferenceStats
+    from fastdiff.eval.metrics import compute_stats
+    from fastdiff.search.objectives import PipelineObjective
     from fastdiff.testing import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline()
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    reference = ReferenceStats.from_features(torch.rand(8, 48, generator=torch.Generator().manual_seed(0)), "pixels")
+    reference = compute_stats(torch.rand(8, 48, generator=torch.Generator().manual_seed(0)), {"extractor": "pixels"})
 
     def pixels(images):
         return torch.nn.functional.avg_pool2d(images, 16).reshape(len(images), -1)

@@ -1,4 +1,4 @@
-"""The `fastdiff` console script: every subcommand parses; a feature that is missing says so and exits 2."""
+"""The `fastdiff` console script: every subcommand parses; bad input is one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fastdiff import cli
+from fastdiff import cli, commands
 
 
 def test_help_lists_every_subcommand():
@@ -16,10 +16,10 @@ def test_help_lists_every_subcommand():
         assert word in out.stdout
 
 
-def test_missing_feature_exits_2_with_a_clear_message(monkeypatch, capsys):
-    monkeypatch.setitem(cli.COMMANDS, "search", ("fastdiff.not_a_module", "search", "x"))
-    assert cli.main(["search"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    assert cli.main(["eval", "sweep", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdiff eval sweep: ") and "does not exist" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv", [["eval", "sweep", "--help"], ["train-reference", "--help"]])
@@ -27,3 +27,16 @@ def test_subcommand_help(argv):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 0
+
+
+@pytest.mark.parametrize("command", list(commands.COMMANDS))
+def test_help_of_a_command_loads_only_its_own_module(command):
+    """`fastdiff <command> --help` imports that command's module and no other command's."""
+    code = (
+        "import sys\nfrom fastdiff import cli\n"
+        f"try:\n    cli.main({command.split() + ['--help']!r})\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith('fastdiff.commands.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = eval(out.strip().splitlines()[-1])
+    assert loaded == [commands.command_module(command).__name__]

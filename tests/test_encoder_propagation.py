@@ -20,6 +20,7 @@ from fastdiff.hooks.encoder_propagation import (
     injection_v_coefficient,
     key_step_indices,
 )
+from fastdiff.schedulers import DPMSolverPlusPlusScheduler
 
 STEPS = 5
 KEYS = [0, 3]  # groups [1, 2] and [4]: a batched decode of two steps and of one
@@ -28,8 +29,8 @@ SIZE = dict(height=64, width=64)
 
 def _reference_pipeline():
     from fastdiff.models.pipeline import ReferencePipeline
-    from fastdiff.models.train import SCHEDULER_CONFIG
     from fastdiff.models.unet import build_reference_unet
+    from fastdiff.models.weights import SCHEDULER_CONFIG
 
     pipe = ReferencePipeline(unet=build_reference_unet().eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
     pipe.set_progress_bar_config(disable=True)
@@ -195,19 +196,12 @@ def test_controlnet_runs_only_at_key_steps():
     handle.remove()
 
 
-def _fastdiff_dpmpp():
-    try:
-        from fastdiff.schedulers import DPMSolverPlusPlusScheduler
-    except ImportError as err:  # written concurrently by another issue
-        pytest.skip(f"fastdiff.schedulers.DPMSolverPlusPlusScheduler is not importable yet: {err}")
-    return DPMSolverPlusPlusScheduler
-
-
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++", "euler", "fastdiff-dpm++"])
 def test_schedulers(scheduler):
     pipe = _pipe("sd")
-    classes = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-    cls = _fastdiff_dpmpp() if scheduler == "fastdiff-dpm++" else classes[scheduler]
+    classes = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+               "fastdiff-dpm++": DPMSolverPlusPlusScheduler}
+    cls = classes[scheduler]
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     full = _run(pipe, "sd")
     with encoder_propagation(pipe, EncoderPropagationConfig(key_steps=1)):

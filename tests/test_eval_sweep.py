@@ -14,7 +14,8 @@ from fastdiff.cli import main
 from fastdiff.eval import compute_stats, run_sweep
 from fastdiff.eval.features import folder_features
 from fastdiff.eval.methods import MethodSpec
-from fastdiff.eval.sweep import SweepConfig, load_sweep, pareto_front
+from fastdiff.eval.report import pareto_front
+from fastdiff.eval.sweep import SweepConfig, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,8 +74,8 @@ def pipe():
     from diffusers import DDIMScheduler
 
     from fastdiff.models.pipeline import ReferencePipeline
-    from fastdiff.models.train import SCHEDULER_CONFIG
     from fastdiff.models.unet import build_reference_unet
+    from fastdiff.models.weights import SCHEDULER_CONFIG
 
     p = ReferencePipeline(unet=build_reference_unet(0).eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
     p.set_progress_bar_config(disable=True)

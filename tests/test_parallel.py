@@ -133,8 +133,7 @@ def test_enable_needs_a_process_group():
 
     from fastdiff.parallel import enable_patch_parallel
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
+    assert not dist.is_initialized(), "an earlier test left a process group in the pytest process"
     pipe = worker.sd_pipeline()
     with pytest.raises(ValueError, match="torchrun --nproc_per_node 2"):
         enable_patch_parallel(pipe, PatchParallelConfig())

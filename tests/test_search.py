@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from fastdiff.eval.metrics import compute_stats
 from fastdiff.search import SearchConfig, SearchResult, search_timesteps
 from fastdiff.search.evolutionary import (
     Candidate,
@@ -23,9 +23,7 @@ from fastdiff.search.evolutionary import (
 from fastdiff.search.objectives import (
     ExactObjective,
     PipelineObjective,
-    ReferenceStats,
     betas_from_alphas_cumprod,
-    gaussian_frechet_distance,
 )
 from fastdiff.testing import GaussianMixtureDenoiser
 
@@ -76,17 +74,7 @@ def test_select_parents_is_elitist_and_next_generation_avoids_seen():
     assert next_generation(list(everything)[:3], everything, space, 10, 5, 2, 0.25, torch.Generator()) == []
 
 
-# ------------------------------------------------------------------------------------------------ metrics
-def test_gaussian_frechet_distance_matches_cleanfid():
-    from cleanfid.fid import frechet_distance as cleanfid_fd
-
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(64, 8)), rng.normal(size=(64, 8)) * 1.5 + 0.3
-    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
-    assert gaussian_frechet_distance(*map(torch.from_numpy, (mu1, s1, mu2, s2))) == pytest.approx(
-        cleanfid_fd(mu1, s1, mu2, s2), rel=1e-6)
-
-
+# ------------------------------------------------------------------------------------------------ objectives
 def test_exact_objective_converges_with_steps(mixture):
     objective = ExactObjective(mixture, num_samples=2048, seed=1)
     few = objective.score(objective.sample(num_inference_steps=3))
@@ -167,10 +155,10 @@ def test_clear_errors(mixture):
         search_timesteps(mixture, 4, "fid")
     with pytest.raises(ValueError, match="GaussianMixtureDenoiser"):
         search_timesteps(object(), 4, "exact")
-    reference = ReferenceStats.from_features(torch.randn(16, 8), extractor="inception")
+    reference = compute_stats(torch.randn(16, 8), {"extractor": "inception"})
     with pytest.raises(ValueError, match="extractor 'inception'.*'lenet'"):
         PipelineObjective(None, lambda x: x, reference, extractor="lenet")
-    lenet_ref = ReferenceStats.from_features(torch.randn(16, 8), extractor="lenet")
+    lenet_ref = compute_stats(torch.randn(16, 8), {"extractor": "lenet"})
     objective = PipelineObjective(None, lambda x: x.reshape(len(x), -1), lenet_ref, extractor="lenet")
     with pytest.raises(ValueError, match="dimension 12"):
         objective.score_images(torch.rand(4, 3, 2, 2))
@@ -188,8 +176,8 @@ def tiny_pipe():
 
 
 def _pixel_objective(pipe, n=2):
-    reference = ReferenceStats.from_features(torch.rand(8, 3 * 16 * 16, generator=torch.Generator().manual_seed(0)),
-                                             extractor="pixels")
+    reference = compute_stats(torch.rand(8, 3 * 16 * 16, generator=torch.Generator().manual_seed(0)),
+                              {"extractor": "pixels"})
 
     def pixels(images):
         return torch.nn.functional.avg_pool2d(images, 4).reshape(len(images), -1)

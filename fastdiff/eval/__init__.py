@@ -9,8 +9,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastdiff.lazy import lazy_exports
 
 _EXPORTS = {
     "frechet_distance": "fastdiff.eval.metrics",
@@ -27,6 +26,7 @@ _EXPORTS = {
     "generate_images": "fastdiff.eval.generate",
     "GenerationResult": "fastdiff.eval.generate",
     "run_sweep": "fastdiff.eval.sweep",
+    "write_results": "fastdiff.eval.report",
     "load_sweep": "fastdiff.eval.sweep",
     "SweepConfig": "fastdiff.eval.sweep",
 }
@@ -34,7 +34,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fastdiff.eval' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -149,8 +149,8 @@ def get_extractor(name: ExtractorName, device: str | torch.device = "cpu") -> Fe
     if name == "pixels":
         extractor = FeatureExtractor("pixels", "raw pixels in [0, 1]", "none", lambda x: x.reshape(len(x), -1))
     elif name == "lenet":
-        from fastdiff.models import WEIGHTS_DIR, load_digit_classifier
-        from fastdiff.models.train import CLASSIFIER_FILE
+        from fastdiff.models import load_digit_classifier
+        from fastdiff.models.weights import CLASSIFIER_FILE, WEIGHTS_DIR
 
         clf = load_digit_classifier(device=str(device))
         build = f"fastdiff digit classifier ({CLASSIFIER_FILE} sha256 {_sha256(WEIGHTS_DIR / CLASSIFIER_FILE)[:12]})"

@@ -18,29 +18,26 @@ Scale-out is torch.distributed as is: `torchrun --nproc_per_node N` or `accelera
 
 from __future__ import annotations
 
-import argparse
-import atexit
 import hashlib
 import json
 import os
 import platform
 import resource
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastdiff.eval.methods import ACCELERATORS, MethodSpec
+from fastdiff.eval.distributed import barrier, gather_objects, init_distributed
+from fastdiff.eval.methods import MethodSpec
 
 __all__ = [
     "GenerationResult",
     "generate_images",
     "sharded_features",
-    "init_distributed",
     "load_pipeline",
     "index_chunks",
     "image_path",
@@ -49,66 +46,6 @@ __all__ = [
 ]
 
 RECORD = "generation.json"
-
-
-# -- torch.distributed --------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int]:
-    """(rank, world_size); starts the default process group when launched by torchrun/accelerate.
-
-    A group started here is destroyed at interpreter exit (torch asks for `destroy_process_group` before
-    exit; without it the gloo transport can abort a process whose peer has already gone).
-    """
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        atexit.register(_destroy_process_group)
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _gather_objects(obj) -> list:
-    if not _distributed():
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj):
-    """`obj` of rank 0, on every rank."""
-    if not _distributed():
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # -- files --------------------------------------------------------------------------------------------
@@ -275,6 +212,97 @@ def _identity(method: MethodSpec, base_seed: int, batch_size: int, prompts, mode
     }
 
 
+def _open_folder(folder: Path, identity: dict) -> dict | None:
+    """Check that `folder` holds images of this identity (or none); rank 0 writes the record and clears stale
+    temporary files. Returns the earlier record, or None for a new folder."""
+    rank, _ = init_distributed()
+    folder.mkdir(parents=True, exist_ok=True)
+    record_path = folder / RECORD
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is not None and {k: record.get(k) for k in identity} != identity:
+        what = "another model (weights)" if record.get("model") != identity["model"] else "another method"
+        raise ValueError(
+            f"{folder} holds images of {what}, seed or batch size ({record_path}); "
+            "use a new output folder or delete this one."
+        )
+    barrier()
+    if rank == 0:
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        if record is None:
+            record_path.write_text(json.dumps(identity, indent=2) + "\n")
+    barrier()
+    return record
+
+
+def _pending_chunks(folder: Path, n: int, batch_size: int, split: bool) -> list[tuple[list[int], list[int]]]:
+    """(chunk, its indices without a valid file) for this rank's chunks that need computing."""
+    rank, world = init_distributed()
+    chunks = [c for k, c in enumerate(index_chunks(n, batch_size)) if not split or k % world == rank]
+    pending = [(c, [i for i in c if not is_valid_image(image_path(folder, i))]) for c in chunks]
+    return [(c, todo) for c, todo in pending if todo]
+
+
+def _peak_memory(device) -> tuple[float, str]:
+    """Peak memory of this process in MB and what was measured."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def _sample_chunks(pipe, method: MethodSpec, folder: Path, pending, base_seed: int, cond, pipe_kwargs: dict,
+                   writer: bool, bar) -> dict:
+    """Sample every pending chunk with `method` applied; write the missing files. Returns this rank's counts."""
+    counts = {"computed": 0, "written": 0, "batches": 0, "calls": 0, "rows": 0}
+    with method.apply(pipe) as sample:
+        # registered last = outermost: counts the pipeline's calls of its denoiser
+        counter = _CallCounter(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None))
+        try:
+            for chunk, todo in pending:
+                generators = [torch.Generator("cpu").manual_seed(base_seed + i) for i in chunk]
+                out = sample(**cond(chunk), generator=generators, output_type="pil", **pipe_kwargs)
+                images = _to_pil(out.images if hasattr(out, "images") else out[0])
+                if len(images) != len(chunk):
+                    raise RuntimeError(f"the pipeline returned {len(images)} images for {len(chunk)} seeds.")
+                if writer:
+                    for i in todo:
+                        _write_png_atomic(images[chunk.index(i)], image_path(folder, i))
+                    counts["written"] += len(todo)
+                counts["computed"] += len(chunk)
+                counts["batches"] += 1
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            counter.remove()
+    counts["calls"], counts["rows"] = counter.calls, counter.rows
+    return counts
+
+
+def _progress_bar(name: str, pending):
+    """A tqdm bar over the images of the pending chunks (rank 0 only)."""
+    from tqdm.auto import tqdm
+
+    _, world = init_distributed()
+    return tqdm(total=sum(len(c) for c, _ in pending), desc=f"{name} (rank 0/{world})", unit="img")
+
+
+def _world_timing(counts: dict, split: bool) -> dict:
+    """This run's totals over all ranks: images computed and written, slowest wall time, denoiser calls."""
+    _, world = init_distributed()
+    stats = gather_objects(counts)
+    batches = sum(s["batches"] for s in stats)
+    images_done = sum(s["computed"] for s in stats)
+    return {
+        "computed": images_done if split else counts["computed"],
+        "written": sum(s["written"] for s in stats) if split else counts["written"],
+        "wall_s": max(s["wall"] for s in stats),
+        "unet_calls": sum(s["calls"] for s in stats) / batches if batches else None,
+        "unet_rows_per_image": sum(s["rows"] for s in stats) / images_done if images_done else None,
+        "world_size": world,
+        "peak": max(s["peak"] for s in stats),
+    }
+
+
 def generate_images(
     pipe,
     method: MethodSpec,
@@ -294,118 +322,44 @@ def generate_images(
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}.")
-    rank, world = init_distributed()
+    rank, _ = init_distributed()
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     identity = _identity(method, base_seed, batch_size, prompts, model_fingerprint(pipe))
-    record_path = folder / RECORD
-    record = json.loads(record_path.read_text()) if record_path.exists() else None
-    if record is not None and {k: record.get(k) for k in identity} != identity:
-        what = "another model (weights)" if record.get("model") != identity["model"] else "another method"
-        raise ValueError(
-            f"{folder} holds images of {what}, seed or batch size ({record_path}); "
-            "use a new output folder or delete this one."
-        )
-    _barrier()
-    if rank == 0:
-        for stale in folder.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-        if record is None:
-            record_path.write_text(json.dumps(identity, indent=2) + "\n")
-    _barrier()
-
+    record = _open_folder(folder, identity)
     split = method.patch_parallel is None
-    chunks = [c for k, c in enumerate(index_chunks(n, batch_size)) if not split or k % world == rank]
-    pending = [(c, [i for i in c if not is_valid_image(image_path(folder, i))]) for c in chunks]
-    pending = [(c, todo) for c, todo in pending if todo]
-    writer = rank == 0 or split
-    cond = conditioning(pipe, prompts)
+    pending = _pending_chunks(folder, n, batch_size, split)
     device = pipe.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    computed = written = batches = 0
-    counter = None
-    bar = None
-    if progress and rank == 0 and pending:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(len(c) for c, _ in pending), desc=f"{method.name} (rank 0/{world})", unit="img")
+    bar = _progress_bar(method.name, pending) if progress and rank == 0 and pending else None
     start = time.perf_counter()
     try:
-        with method.apply(pipe) as sample:
-            # registered last = outermost: counts the pipeline's calls of its denoiser
-            counter = _CallCounter(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None))
-            try:
-                for chunk, todo in pending:
-                    generators = [torch.Generator("cpu").manual_seed(base_seed + i) for i in chunk]
-                    out = sample(**cond(chunk), generator=generators, output_type="pil", **(pipe_kwargs or {}))
-                    images = _to_pil(out.images if hasattr(out, "images") else out[0])
-                    if len(images) != len(chunk):
-                        raise RuntimeError(f"the pipeline returned {len(images)} images for {len(chunk)} seeds.")
-                    if writer:
-                        for i in todo:
-                            _write_png_atomic(images[chunk.index(i)], image_path(folder, i))
-                        written += len(todo)
-                    computed += len(chunk)
-                    batches += 1
-                    if bar is not None:
-                        bar.update(len(chunk))
-            finally:
-                counter.remove()
+        counts = _sample_chunks(pipe, method, folder, pending, base_seed, conditioning(pipe, prompts),
+                                pipe_kwargs or {}, rank == 0 or split, bar)
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - start
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
-
-    calls, rows = (counter.calls, counter.rows) if counter is not None else (0, 0)
-    stats = _gather_objects(
-        {"computed": computed, "written": written, "wall": wall, "calls": calls, "rows": rows, "batches": batches,
-         "peak": peak}
-    )  # fmt: skip
-    if split:
-        computed = sum(s["computed"] for s in stats)
-        written = sum(s["written"] for s in stats)
-    wall = max(s["wall"] for s in stats)
-    total_batches = sum(s["batches"] for s in stats)
-    unet_calls = sum(s["calls"] for s in stats) / total_batches if total_batches else None
-    images_done = sum(s["computed"] for s in stats)
-    unet_rows = sum(s["rows"] for s in stats) / images_done if images_done else None
-    peak = max(s["peak"] for s in stats)
-
-    timing = {"computed": computed, "wall_s": wall, "unet_calls": unet_calls, "unet_rows_per_image": unet_rows,
-              "world_size": world}  # fmt: skip
+    counts["wall"] = time.perf_counter() - start
+    counts["peak"], peak_kind = _peak_memory(device)
+    run = _world_timing(counts, split)
+    timing = {k: run[k] for k in ("computed", "wall_s", "unet_calls", "unet_rows_per_image", "world_size")}
     previous = (record or {}).get("timing")
-    if previous and previous.get("computed", 0) >= computed:
+    if previous and previous.get("computed", 0) >= run["computed"]:
         timing = previous  # keep the timing of the run that computed the most images
     s_per_image = timing["wall_s"] / timing["computed"] if timing["computed"] else None
     result = GenerationResult(
-        folder=str(folder),
-        n=n,
-        computed=computed,
-        written=written,
-        wall_s=timing["wall_s"],
-        s_per_image=s_per_image,
-        images_per_s=1 / s_per_image if s_per_image else None,
-        nfe=method.num_steps(),
-        unet_calls=timing["unet_calls"],
-        unet_rows_per_image=timing.get("unet_rows_per_image"),
-        peak_mem_mb=peak,
-        peak_mem_kind=kind,
-        world_size=timing["world_size"],
-        batch_size=batch_size,
+        folder=str(folder), n=n, computed=run["computed"], written=run["written"], wall_s=timing["wall_s"],
+        s_per_image=s_per_image, images_per_s=1 / s_per_image if s_per_image else None, nfe=method.num_steps(),
+        unet_calls=timing["unet_calls"], unet_rows_per_image=timing.get("unet_rows_per_image"),
+        peak_mem_mb=run["peak"], peak_mem_kind=peak_kind, world_size=timing["world_size"], batch_size=batch_size,
         hardware=hardware_description(),
     )
-    _barrier()
+    barrier()
     if rank == 0:
-        tmp = record_path.with_name(RECORD + ".tmp")
+        tmp = (folder / RECORD).with_name(RECORD + ".tmp")
         tmp.write_text(json.dumps({**identity, "timing": timing}, indent=2) + "\n")
-        os.replace(tmp, record_path)
-    _barrier()
+        os.replace(tmp, folder / RECORD)
+    barrier()
     return result
 
 
@@ -427,58 +381,9 @@ def sharded_features(folder: str | Path, n: int, extractor, batch_size: int = 64
             raise FileNotFoundError(f"{image_path(folder, missing[0])} is missing: generate the images first.")
         mine[k] = extractor(load_images([image_path(folder, i) for i in chunk]))
     parts: dict[int, np.ndarray] = {}
-    for shard in _gather_objects(mine):
+    for shard in gather_objects(mine):
         parts.update(shard)
     return np.concatenate([parts[k] for k in sorted(parts)])
-
-
-# -- `fastdiff sample` --------------------------------------------------------------------------------
-def _json_arg(text: str):
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({err})") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.replace(",", " ").split()]
-
-
-def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that build a `MethodSpec` (shared by `fastdiff sample`)."""
-    g = parser.add_argument_group("method")
-    g.add_argument("--scheduler", default="DDIMScheduler", help="diffusers scheduler class or fastdiff's")
-    g.add_argument("--scheduler-kwargs", type=_json_arg, default={}, metavar="JSON")
-    steps = g.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int, help="number of inference steps (default 20)")
-    steps.add_argument("--timesteps", type=_int_list, help="explicit timesteps, e.g. 999,749,499,249")
-    steps.add_argument("--schedule", help="schedule JSON (e.g. from `fastdiff search`)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    g.add_argument("--eta", type=float, default=None)
-    for key in ACCELERATORS:
-        g.add_argument(f"--{key.replace('_', '-')}", type=_json_arg, default=None, metavar="JSON")
-    g.add_argument("--name", default=None, help="method label (default: scheduler-steps)")
-
-
-def method_from_args(args: argparse.Namespace) -> MethodSpec:
-    steps = args.steps if args.timesteps is None and args.schedule is None and args.steps else None
-    if args.timesteps is None and args.schedule is None and steps is None:
-        steps = 20
-    name = args.name or f"{args.scheduler.removesuffix('Scheduler')}-{steps or 'custom'}"
-    return MethodSpec(
-        name=name,
-        scheduler=args.scheduler,
-        scheduler_kwargs=args.scheduler_kwargs,
-        steps=steps,
-        timesteps=args.timesteps,
-        schedule=args.schedule,
-        guidance=args.guidance,
-        eta=args.eta,
-        **{key: getattr(args, key) for key in ACCELERATORS},
-    )
 
 
 def read_prompts(path: str | Path | None) -> list[str] | None:
@@ -488,31 +393,3 @@ def read_prompts(path: str | Path | None) -> list[str] | None:
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one per line).")
     return prompts
-
-
-def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="reference", help="`reference` or a diffusers model id / folder")
-    parser.add_argument("--prompts", default=None, help="text file, one prompt per line (text-to-image models)")
-    parser.add_argument("--n", type=int, default=16, help="number of images")
-    parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", required=True, help="output folder ({index:06d}.png)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_method_arguments(parser)
-
-
-def run_sample(args: argparse.Namespace) -> int:
-    """`fastdiff sample`: seeded images of one method into a folder (resumable; works under torchrun)."""
-    try:
-        method = method_from_args(args)
-        prompts = read_prompts(args.prompts)
-        rank, _ = init_distributed()
-        device = f"cuda:{rank % torch.cuda.device_count()}" if args.device == "cuda" else args.device
-        pipe = load_pipeline(args.model, device)
-        result = generate_images(pipe, method, args.out, args.n, args.seed, args.batch_size, prompts)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff sample: {err}", file=sys.stderr)
-        return 2
-    if rank == 0:
-        print(json.dumps(asdict(result), indent=2))
-    return 0

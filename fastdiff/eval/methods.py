@@ -71,17 +71,15 @@ def scheduler_class(name: str):
 
 
 def _load_schedule_timesteps(path: Path) -> list[int]:
+    """Timesteps of a schedule file: a fastdiff schedule (`save_schedule`), or plain JSON {"timesteps": [...]}."""
     if not path.is_file():
         raise ValueError(f"schedule file {path} does not exist.")
-    loaded = None
-    try:
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "format" in data:
         from fastdiff.schedulers.schedules import load_schedule
 
-        record = load_schedule(path)
-        loaded = record.get("timesteps") if isinstance(record, dict) else getattr(record, "timesteps", record)
-    except (ImportError, ValueError):  # not (yet) a fastdiff schedule file: read its "timesteps" key
-        data = json.loads(path.read_text())
-        loaded = data.get("timesteps") if isinstance(data, dict) else data
+        data = load_schedule(path)  # checks format and version
+    loaded = data.get("timesteps") if isinstance(data, dict) else data
     if not isinstance(loaded, (list, tuple)) or not loaded:
         raise ValueError(f"schedule file {path} has no 'timesteps' list.")
     return [int(t) for t in loaded]

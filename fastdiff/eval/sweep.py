@@ -22,35 +22,23 @@ A sweep is a TOML file: a model x methods x N x base seed, scored with named fea
 
 `run_sweep` writes, under the output folder: images/<method>/{index:06d}.png, ref/ (reference stats
 with sidecars), results.jsonl (one row per method), results.md (a table) and pareto.png (FD vs
-s/image, log x). It runs the same under `torchrun --nproc_per_node N` (images and features sharded).
+s/image, log x), the last three through `fastdiff.eval.report`. It runs the same under
+`torchrun --nproc_per_node N` (images and features sharded).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import platform
 import re
-import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fastdiff.eval.distributed import barrier, broadcast, init_distributed, local_device
 from fastdiff.eval.features import EXTRACTORS, FeatureExtractor, folder_features, get_extractor, load_images
-from fastdiff.eval.generate import (
-    _barrier,
-    _broadcast,
-    generate_images,
-    image_path,
-    init_distributed,
-    load_pipeline,
-    read_prompts,
-    sharded_features,
-)
+from fastdiff.eval.generate import generate_images, image_path, load_pipeline, read_prompts, sharded_features
 from fastdiff.eval.methods import MethodSpec, method_from_dict
 from fastdiff.eval.metrics import (
     FeatureStats,
@@ -61,8 +49,9 @@ from fastdiff.eval.metrics import (
     load_stats,
     save_stats,
 )
+from fastdiff.eval.report import write_results
 
-__all__ = ["SweepConfig", "load_sweep", "run_sweep", "reference_stats", "write_table", "write_pareto_plot"]
+__all__ = ["SweepConfig", "load_sweep", "run_sweep", "reference_stats", "score", "default_out_dir"]
 
 MODEL_KEYS = ("name", "prompts", "device", "pipe_kwargs")
 EVAL_KEYS = (
@@ -167,7 +156,8 @@ def load_sweep(path: str | Path) -> SweepConfig:
 
 
 # -- reference statistics -----------------------------------------------------------------------------
-def _folder_meta(extractor: FeatureExtractor, image_size, source: str) -> dict:
+def folder_meta(extractor: FeatureExtractor, image_size, source: str) -> dict:
+    """The sidecar of features of `source` (a folder or the held-out digits) at `image_size`."""
     return {**extractor.meta(), "image_size": list(image_size), "source": source}
 
 
@@ -197,10 +187,10 @@ def reference_stats(reference: str, extractor: FeatureExtractor, cache_dir: Path
         images, _ = load_digits("heldout")
         images = (images * 255).round() / 255
         feats = extractor(images.to(torch.float32))
-        meta = _folder_meta(extractor, images.shape[1:], _source(reference))
+        meta = folder_meta(extractor, images.shape[1:], _source(reference))
     else:
         feats, size = folder_features(reference, extractor)
-        meta = _folder_meta(extractor, size, _source(reference))
+        meta = folder_meta(extractor, size, _source(reference))
     stats = compute_stats(feats, meta)
     if cache is not None:
         save_stats(cache, stats)
@@ -249,89 +239,96 @@ def score(
 
 
 # -- the sweep ----------------------------------------------------------------------------------------
-def _sweep(
-    config: SweepConfig,
-    out_dir: str | Path,
-    pipe=None,
-    progress: bool = True,
-) -> list[dict]:
-    out_dir = Path(out_dir)
-    rank, world = init_distributed()
-    if pipe is None:
-        import torch
-
-        device = config.device
-        if device == "cuda":
-            device = f"cuda:{rank % torch.cuda.device_count()}"
-        pipe = load_pipeline(config.model, device)
-    prompts = read_prompts(config.prompts)
-    extractors = {name: get_extractor(name) for name in config.extractors}
+def _reference_stats_all(config: SweepConfig, extractors: dict, cache_dir: Path) -> dict[str, FeatureStats]:
+    """Reference stats per extractor: rank 0 computes and caches them first, the other ranks then read the cache."""
+    rank, _ = init_distributed()
     refs = {}
     if rank == 0:
-        for name, ex in extractors.items():
-            refs[name] = reference_stats(config.reference, ex, out_dir / "ref")
-    _barrier()
+        refs = {name: reference_stats(config.reference, ex, cache_dir) for name, ex in extractors.items()}
+    barrier()
     if rank != 0:
-        refs = {name: reference_stats(config.reference, ex, out_dir / "ref") for name, ex in extractors.items()}
+        refs = {name: reference_stats(config.reference, ex, cache_dir) for name, ex in extractors.items()}
+    return refs
 
+
+def _generation_row(config: SweepConfig, method: MethodSpec, gen, folder: Path) -> dict[str, Any]:
+    """The method's row of results.jsonl before scoring: what was generated, how fast, on what."""
+    return {
+        "method": method.name,
+        "spec": method.to_dict(),
+        "model": config.model,
+        "n": config.n,
+        "base_seed": config.base_seed,
+        "nfe": gen.nfe,
+        "unet_calls": gen.unet_calls,
+        "unet_rows_per_image": gen.unet_rows_per_image,
+        "s_per_image": gen.s_per_image,
+        "images_per_s": gen.images_per_s,
+        "world_size": gen.world_size,
+        "batch_size": config.batch_size,
+        "peak_mem_mb": round(gen.peak_mem_mb, 1),
+        "peak_mem_kind": gen.peak_mem_kind,
+        "hardware": gen.hardware,
+        "versions": versions(),
+        "images": str(folder),
+    }
+
+
+def _score_folder(config: SweepConfig, folder: Path, extractors: dict, refs: dict) -> dict[str, Any]:
+    """fd_/kid_/kid_*_std/n_/extractor_ columns of a method's images, per extractor (the same on every rank)."""
+    rank, _ = init_distributed()
+    size = tuple(load_images([image_path(folder, 0)]).shape[1:])
+    columns: dict[str, Any] = {}
+    for name, ex in extractors.items():
+        k = config.n_for(name)
+        feats = sharded_features(folder, k, ex, config.batch_size)
+        meta = folder_meta(ex, size, str(folder))
+        s = score(feats, refs[name], meta, config.kid_subsets, config.kid_subset_size) if rank == 0 else None
+        s = broadcast(s)
+        columns[f"fd_{name}"] = s["fd"]
+        columns[f"kid_{name}"] = s["kid"]
+        columns[f"kid_{name}_std"] = s["kid_std"]
+        columns[f"n_{name}"] = k
+        columns[f"extractor_{name}"] = ex.build
+    return columns
+
+
+def _sweep(config: SweepConfig, out_dir: str | Path, pipe=None, progress: bool = True) -> list[dict]:
+    out_dir = Path(out_dir)
+    rank, _ = init_distributed()
+    if pipe is None:
+        pipe = load_pipeline(config.model, local_device(config.device))
+    prompts = read_prompts(config.prompts)
+    extractors = {name: get_extractor(name) for name in config.extractors}
+    refs = _reference_stats_all(config, extractors, out_dir / "ref")
     rows: list[dict] = []
     for method in config.methods:
         folder = out_dir / "images" / _slug(method.name)
         gen = generate_images(
             pipe, method, folder, config.n, config.base_seed, config.batch_size, prompts, config.pipe_kwargs, progress
         )
-        row: dict[str, Any] = {
-            "method": method.name,
-            "spec": method.to_dict(),
-            "model": config.model,
-            "n": config.n,
-            "base_seed": config.base_seed,
-            "nfe": gen.nfe,
-            "unet_calls": gen.unet_calls,
-            "unet_rows_per_image": gen.unet_rows_per_image,
-            "s_per_image": gen.s_per_image,
-            "images_per_s": gen.images_per_s,
-            "world_size": gen.world_size,
-            "batch_size": config.batch_size,
-            "peak_mem_mb": round(gen.peak_mem_mb, 1),
-            "peak_mem_kind": gen.peak_mem_kind,
-            "hardware": gen.hardware,
-            "versions": versions(),
-            "images": str(folder),
-        }
-        size = tuple(load_images([image_path(folder, 0)]).shape[1:])
-        for name, ex in extractors.items():
-            k = config.n_for(name)
-            feats = sharded_features(folder, k, ex, config.batch_size)
-            meta = _folder_meta(ex, size, str(folder))
-            s = score(feats, refs[name], meta, config.kid_subsets, config.kid_subset_size) if rank == 0 else None
-            s = _broadcast(s)
-            row[f"fd_{name}"] = s["fd"]
-            row[f"kid_{name}"] = s["kid"]
-            row[f"kid_{name}_std"] = s["kid_std"]
-            row[f"n_{name}"] = k
-            row[f"extractor_{name}"] = ex.build
+        row = _generation_row(config, method, gen, folder)
+        row.update(_score_folder(config, folder, extractors, refs))
         row["reference"] = {name: {"source": r.meta.get("source"), "n": r.n} for name, r in refs.items()}
         rows.append(row)
         if rank == 0:
-            write_results(rows, out_dir, config)
-    _barrier()
+            write_results(rows, out_dir, config.title)
+    barrier()
     return rows
 
 
 def run_sweep(
-    sweep: str | Path | SweepConfig | argparse.Namespace,
+    sweep: str | Path | SweepConfig,
     out_dir: str | Path | None = None,
     *,
     pipe=None,
     n: int | None = None,
     progress: bool = True,
-) -> list[dict] | int:
+) -> list[dict]:
     """Run a sweep: generate every method's images, score them, write results.jsonl, results.md, pareto.png.
 
     Args:
-        sweep: a sweep TOML path or a `SweepConfig`. (An argparse namespace runs `fastdiff eval sweep`
-            and returns its exit status: the CLI dispatcher looks this name up.)
+        sweep: a sweep TOML path or a `SweepConfig`.
         out_dir: output folder (default runs/sweeps/<title>). Re-running resumes: valid images are kept.
         pipe: a ready pipeline to use instead of loading `model.name` (e.g. a random-weight test model).
         n: override eval.n (per-extractor N are capped at it).
@@ -342,13 +339,16 @@ def run_sweep(
         >>> rows = run_sweep("eval/sweeps/reference.toml", "runs/ref", n=200)
         >>> rows[0]["fd_lenet"], rows[0]["s_per_image"]
     """
-    if isinstance(sweep, argparse.Namespace):
-        return _run_sweep_cli(sweep)
     config = sweep if isinstance(sweep, SweepConfig) else load_sweep(sweep)
     if n is not None:
         config = _with_n(config, n)
-    out_dir = Path(out_dir) if out_dir is not None else Path("runs/sweeps") / _slug(config.title)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
     return _sweep(config, out_dir, pipe=pipe, progress=progress)
+
+
+def default_out_dir(config: SweepConfig) -> Path:
+    """Where `run_sweep` writes when no folder is given: runs/sweeps/<title>."""
+    return Path("runs/sweeps") / _slug(config.title)
 
 
 def _with_n(config: SweepConfig, n: int) -> SweepConfig:
@@ -356,180 +356,3 @@ def _with_n(config: SweepConfig, n: int) -> SweepConfig:
 
     per = {k: min(v, n) for k, v in config.n_per_extractor.items()}
     return replace(config, n=n, n_per_extractor=per)
-
-
-# -- outputs ------------------------------------------------------------------------------------------
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e6:
-        return str(int(value))
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.{digits}f}"
-    return str(value)
-
-
-def write_table(rows: list[dict], path: str | Path, config: SweepConfig | None = None) -> str:
-    """A markdown table of the rows (FD and KID x 1e3 per extractor, NFE, UNet calls, s/image, images/s)."""
-    if not rows:
-        raise ValueError("no rows to tabulate.")
-    extractors = [k[3:] for k in rows[0] if k.startswith("fd_")]
-    first = rows[0]
-    lines = [f"# {config.title if config else 'sweep'}: quality vs speed", ""]
-    lines.append(f"- model: `{first['model']}`; N = {first['n']} images per method, seeds {first['base_seed']}..")
-    lines[-1] += f"{first['base_seed'] + first['n'] - 1} (image i: seed base + i, one generator per image)"
-    for name in extractors:
-        ref = first["reference"][name]
-        lines.append(
-            f"- `{name}` features: {first[f'extractor_{name}']}; scored on N = {first[f'n_{name}']} samples "
-            f"against {ref['source']} (N = {ref['n']})"
-        )
-    lines.append(f"- hardware: {first['hardware']}; processes: {first['world_size']}; batch {first['batch_size']}")
-    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()))
-    lines.append("- s/image = generation wall time / images (all processes together); KID shown x 1e3 (± subset std)")
-    lines.append(f"- written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
-    lines.append("")
-    header = ["method", "NFE", "UNet calls", "UNet rows/image"]
-    for name in extractors:
-        header += [f"FD {name}", f"KID {name} x1e3"]
-    header += ["s/image", "images/s", "peak MB"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-    for r in rows:
-        cells = [r["method"], _fmt(r["nfe"]), _fmt(r["unet_calls"], 4), _fmt(r.get("unet_rows_per_image"), 4)]
-        for name in extractors:
-            kid = r[f"kid_{name}"]
-            kid_txt = "-" if kid is None else f"{kid * 1e3:.2f} ± {r[f'kid_{name}_std'] * 1e3:.2f}"
-            cells += [f"{r[f'fd_{name}']:.3f}", kid_txt]
-        cells += [_fmt(r["s_per_image"], 4), _fmt(r["images_per_s"], 3), _fmt(r["peak_mem_mb"], 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    Path(path).write_text(text)
-    return text
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points (cost, error) not dominated by another (lower cost and lower error), by cost."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
-    front, best = [], float("inf")
-    for i in order:
-        if points[i][1] < best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def write_pareto_plot(rows: list[dict], path: str | Path) -> Path:
-    """FD vs seconds per image (log x), one panel per extractor, labelled points and the Pareto front."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    extractors = [k[3:] for k in rows[0] if k.startswith("fd_")]
-    fig, axes = plt.subplots(1, len(extractors), figsize=(6 * len(extractors), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], extractors):
-        usable = [r for r in rows if r["s_per_image"]]
-        pts = [(r["s_per_image"], r[f"fd_{name}"]) for r in usable]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
-        for r, (x, y) in zip(usable, pts):
-            ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        front = pareto_front(pts)
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:orange", label="Pareto front")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"seconds per image ({rows[0]['world_size']} process(es))")
-        ax.set_ylabel(f"FD ({name} features, N = {rows[0][f'n_{name}']})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"quality vs speed: {rows[0]['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def write_results(rows: list[dict], out_dir: str | Path, config: SweepConfig | None = None) -> None:
-    """results.jsonl (atomic rewrite), results.md and pareto.png in `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "results.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    os.replace(tmp, out_dir / "results.jsonl")
-    write_table(rows, out_dir / "results.md", config)
-    write_pareto_plot(rows, out_dir / "pareto.png")
-
-
-# -- CLI: fastdiff eval sweep | ref | fid ---------------------------------------------------------------
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep", help="sweep TOML (e.g. eval/sweeps/reference.toml)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/sweeps/<title>)")
-    parser.add_argument("--n", type=int, default=None, help="override eval.n")
-
-
-def _run_sweep_cli(args: argparse.Namespace) -> int:
-    try:
-        rows = run_sweep(args.sweep, args.out, n=args.n)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff eval sweep: {err}", file=sys.stderr)
-        return 2
-    rank, _ = init_distributed()
-    if rank == 0:
-        config = load_sweep(args.sweep)
-        out = Path(args.out) if args.out else Path("runs/sweeps") / _slug(config.title)
-        print((out / "results.md").read_text())
-        print(f"wrote {out / 'results.jsonl'}, {out / 'results.md'}, {out / 'pareto.png'} ({len(rows)} methods)")
-    return 0
-
-
-def add_ref_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("folder", nargs="?", help="folder of images")
-    source.add_argument("--heldout", action="store_true", help="the reference model's 1,000 held-out digits")
-    parser.add_argument("--extractor", default="lenet", choices=EXTRACTORS)
-    parser.add_argument("--out", required=True, help="stats file (.npz; a .json sidecar is written beside it)")
-    parser.add_argument("--no-features", action="store_true", help="omit the features (no KID against it)")
-
-
-def run_ref(args: argparse.Namespace) -> int:
-    """`fastdiff eval ref`: stats (mu, sigma, n, features) + sidecar of a folder or of the held-out digits."""
-    try:
-        stats = reference_stats("heldout" if args.heldout else args.folder, get_extractor(args.extractor))
-        if args.no_features:
-            stats.features = None
-        path = save_stats(args.out, stats)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff eval ref: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} (+ {path.with_suffix('.json').name}): n = {stats.n}, {stats.meta['extractor']}")
-    return 0
-
-
-def add_fid_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="folder of generated images")
-    parser.add_argument("--ref", required=True, help="reference stats (.npz from `eval ref`) or a folder")
-    parser.add_argument("--extractor", default=None, choices=EXTRACTORS, help="default: the stats' extractor")
-    parser.add_argument("--kid-subsets", type=int, default=100)
-    parser.add_argument("--kid-subset-size", type=int, default=1000)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run_fid(args: argparse.Namespace) -> int:
-    """`fastdiff eval fid`: FD and KID of a folder against stats or another folder."""
-    try:
-        name = args.extractor
-        if name is None:
-            name = load_stats(args.ref).meta.get("extractor", "lenet") if args.ref.endswith(".npz") else "lenet"
-        ex = get_extractor(name)
-        ref = reference_stats(args.ref, ex)
-        feats, size = folder_features(args.folder, ex)
-        result = score(feats, ref, _folder_meta(ex, size, args.folder), args.kid_subsets, args.kid_subset_size)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff eval fid: {err}", file=sys.stderr)
-        return 2
-    result.update(n=len(feats), n_ref=ref.n, extractor=ex.name, build=ex.build)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        kid = "-" if result["kid"] is None else f"{result['kid']:.6f} ± {result['kid_std']:.6f}"
-        print(f"FD {result['fd']:.4f}  KID {kid}  (N = {len(feats)} vs {ref.n}, {ex.name}: {ex.build})")
-    return 0

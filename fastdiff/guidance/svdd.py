@@ -191,7 +191,7 @@ class _Prepared:
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> images (B, C, H, W) in [0, 1]
 
 
-_REFERENCE_KWARGS = {"class_labels", "guidance_scale", "num_inference_steps", "timesteps", "generator", "latents",
+_LABEL_KWARGS = {"class_labels", "guidance_scale", "num_inference_steps", "timesteps", "generator", "latents",
                      "batch_size", "eta"}
 _SD_KWARGS = {"prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "height", "width",
               "num_inference_steps", "timesteps", "guidance_scale", "generator", "latents", "eta",
@@ -221,14 +221,14 @@ def _call_default(pipe, name: str):
     return inspect.signature(pipe.__call__).parameters[name].default
 
 
-def _prepare_reference(pipe, kw: dict) -> _Prepared:
+def _prepare_labelled(pipe, kw: dict) -> _Prepared:
+    """A class-label pipeline (e.g. `ReferencePipeline`) through its adapter methods: `check_labels`,
+    `label_conditioning`, `latents_to_images` and `null_label`."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from fastdiff.models.unet import NULL_LABEL, decode, label_condition
-
-    _check_kwargs("ReferencePipeline", kw, _REFERENCE_KWARGS)
+    _check_kwargs(type(pipe).__name__, kw, _LABEL_KWARGS)
     generator = kw.get("generator")
-    labels = pipe._labels(kw.get("class_labels"), kw.get("batch_size"), generator)
+    labels = pipe.check_labels(kw.get("class_labels"), kw.get("batch_size"), generator)
     n = len(labels)
     if isinstance(generator, list) and len(generator) != n:
         raise ValueError(f"got {len(generator)} generators for {n} images: pass one per image.")
@@ -241,15 +241,13 @@ def _prepare_reference(pipe, kw: dict) -> _Prepared:
         latents = randn_tensor((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator,
                                device=device, dtype=dtype)
     latents = latents.to(device=device, dtype=dtype) * pipe.scheduler.init_noise_sigma
-    labels = labels.to(device)
-    cond = {"encoder_hidden_states": label_condition(labels, dtype).to(device), "class_labels": labels}
+    cond = pipe.label_conditioning(labels, dtype, device)
     guidance_scale = kw.get("guidance_scale", _call_default(pipe, "guidance_scale"))
     uncond = None
     if guidance_scale != 1.0:
-        null = torch.full_like(labels, NULL_LABEL)
-        uncond = {"encoder_hidden_states": label_condition(null, dtype).to(device), "class_labels": null}
+        uncond = pipe.label_conditioning(torch.full_like(labels, pipe.null_label), dtype, device)
     denoiser = _GuidedDenoiser(pipe.unet, pipe.scheduler, guidance_scale, cond, uncond)
-    return _Prepared(denoiser, latents, timesteps, generator, kw.get("eta", 0.0), lambda x: decode(x.float()))
+    return _Prepared(denoiser, latents, timesteps, generator, kw.get("eta", 0.0), pipe.latents_to_images)
 
 
 def _prepare_stable_diffusion(pipe, kw: dict, xl: bool) -> _Prepared:
@@ -293,11 +291,14 @@ def _prepare_stable_diffusion(pipe, kw: dict, xl: bool) -> _Prepared:
     return _Prepared(denoiser, latents, timesteps, generator, kw.get("eta", 0.0), lambda x: _vae_decode(pipe, x))
 
 
-def _prepare(pipe, kw: dict) -> _Prepared:
-    from fastdiff.models.pipeline import ReferencePipeline
+def _is_labelled(pipe) -> bool:
+    """A class-label pipeline with the adapter methods SVDD drives (fastdiff's `ReferencePipeline` has them)."""
+    return all(hasattr(pipe, name) for name in ("check_labels", "label_conditioning", "latents_to_images"))
 
-    if isinstance(pipe, ReferencePipeline):
-        return _prepare_reference(pipe, kw)
+
+def _prepare(pipe, kw: dict) -> _Prepared:
+    if _is_labelled(pipe):
+        return _prepare_labelled(pipe, kw)
     if hasattr(pipe, "controlnet"):
         raise TypeError("svdd_sample does not support ControlNet pipelines yet: use the SD / SDXL pipeline.")
     if hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae") and hasattr(pipe, "unet"):
@@ -311,11 +312,8 @@ def _prepare(pipe, kw: dict) -> _Prepared:
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     """The pipeline's own decode: latents -> images (B, C, H, W) in [0, 1] (pixel shuffle or VAE)."""
-    from fastdiff.models.pipeline import ReferencePipeline
-    from fastdiff.models.unet import decode
-
-    if isinstance(pipe, ReferencePipeline):
-        return decode(latents.float())
+    if _is_labelled(pipe):
+        return pipe.latents_to_images(latents)
     return _vae_decode(pipe, latents)
 
 
@@ -395,6 +393,9 @@ def svdd_sample(pipe, reward_fn: RewardFn, config: SVDDConfig | None = None, **p
         ...                   generator=[torch.Generator().manual_seed(i) for i in range(4)])
         >>> out.images.shape, out.nfe
         (torch.Size([4, 1, 32, 32]), 193.0)
+
+    Long by design: the paper's Algorithm 1 as one loop (M children, their soft values, keep one per image),
+    so that each numbered step below maps to a line of the algorithm.
     """
     config = config or SVDDConfig()
     refuse_flow_matching(pipe, "svdd_sample", "a stochastic flow-matching step and x0 from velocity predictions "

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastdiff.models.train import CLASSIFIER_FILE, RECORD_FILE, SCHEDULER_FILE, UNET_FILE, WEIGHTS_DIR
+from fastdiff.lazy import lazy_exports
+from fastdiff.models.weights import CLASSIFIER_FILE, RECORD_FILE, SCHEDULER_FILE, UNET_FILE, WEIGHTS_DIR
 
-__all__ = ["load_reference_pipeline", "load_digit_classifier", "reference_record", "WEIGHTS_DIR"]
+__all__ = ["load_reference_pipeline", "load_digit_classifier", "reference_record", "WEIGHTS_DIR", "ReferencePipeline",
+           "DigitClassifier"]
+
+__getattr__ = lazy_exports(__name__, {"ReferencePipeline": "fastdiff.models.pipeline",
+                                      "DigitClassifier": "fastdiff.models.classifier"})
 
 
 def _weights(name: str, weights_dir: Path | None) -> Path:

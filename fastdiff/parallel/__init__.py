@@ -12,9 +12,7 @@ Importing this package loads only the config; the torch/diffusers parts load on 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from fastdiff.lazy import lazy_exports
 from fastdiff.parallel.config import PatchParallelConfig
 
 _LAZY = {
@@ -32,8 +30,4 @@ _LAZY = {
 
 __all__ = ["PatchParallelConfig", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fastdiff.parallel' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -14,11 +14,10 @@ jointly with what to skip, at a fixed compute budget, so that every stage-2 cand
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import inspect
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,9 @@ from typing import Any, Literal
 
 import torch
 
+from fastdiff.eval.metrics import FeatureStats
 from fastdiff.schedulers.flow_check import refuse_flow_matching
+from fastdiff.schedulers.schedules import load_schedule, save_schedule
 from fastdiff.search.evolutionary import (
     Candidate,
     EvolutionState,
@@ -36,13 +37,7 @@ from fastdiff.search.evolutionary import (
     make_candidate,
     random_candidate,
 )
-from fastdiff.search.objectives import (
-    ExactObjective,
-    FitnessCache,
-    PipelineObjective,
-    ReferenceStats,
-    dpmsolver_for,
-)
+from fastdiff.search.objectives import ExactObjective, FitnessCache, PipelineObjective, digit_reference, dpmsolver_for
 
 ObjectiveName = Literal["fd", "kid", "exact"]
 OBJECTIVES = ("fd", "kid", "exact")
@@ -179,23 +174,11 @@ class SearchResult:
         """Write the schedule JSON (fastdiff.schedulers.schedules format) with the search record as metadata."""
         meta = {k: v for k, v in dataclasses.asdict(self).items() if k != "timesteps"}
         meta["method"] = "autodiffusion"
-        try:
-            from fastdiff.schedulers.schedules import save_schedule
-        except ImportError:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"format": "fastdiff.schedule", "version": 1, "timesteps": self.timesteps,
-                                        **meta}, indent=2) + "\n")
-            return path
         return save_schedule(path, self.timesteps, **meta)
 
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
-        try:
-            from fastdiff.schedulers.schedules import load_schedule
-            record = load_schedule(path)
-        except ImportError:
-            record = json.loads(Path(path).read_text())
+        record = load_schedule(path)
         names = {f.name for f in dataclasses.fields(cls)}
         if "fitness" not in record:
             raise ValueError(f"{path} is a schedule but not a search result (no 'fitness'); use load_schedule.")
@@ -214,29 +197,26 @@ def _exact_model(pipe, required: bool):
     raise ValueError("objective='exact' needs a GaussianMixtureDenoiser: pass it as `pipe` (or as `pipe.unet`).")
 
 
-def _reference_objective(pipe, metric: str, config: SearchConfig) -> PipelineObjective:
-    """FD/KID objective with the built-in digit classifier; reference = 4000 training digits unless stats are given."""
-    from fastdiff.models import load_digit_classifier
-    from fastdiff.models.pipeline import ReferencePipeline
+def _named_objective(pipe, metric: str, config: SearchConfig, features, reference) -> PipelineObjective:
+    """FD/KID of `features` of N images against `reference` (label-conditioned pipelines get label i % 10).
 
-    if not isinstance(pipe, ReferencePipeline):
-        raise ValueError(f"objective={metric!r} by name works for the reference model only; for another pipeline pass "
-                         "objectives.PipelineObjective(pipe, features, ReferenceStats...) as the objective.")
-    if config.extractor != "lenet":
-        raise ValueError(f"the built-in objective uses the 'lenet' digit features, not {config.extractor!r}.")
-    clf = load_digit_classifier(device=str(pipe.device))
-    if config.reference_stats is not None:
-        reference = ReferenceStats.from_file(config.reference_stats)
-    else:
-        from fastdiff.models.data import load_digits
+    Without `features` and `reference`, a `ReferencePipeline` is scored with the built-in digit model's
+    (`objectives.digit_reference`): the README's one-line search on the shipped model.
+    """
+    if features is None and reference is None:
+        from fastdiff.models import ReferencePipeline
 
-        images, _ = load_digits("train")  # the held-out digits stay unseen, for evaluating the result
-        with torch.no_grad():
-            reference = ReferenceStats.from_features(clf.features(images[:4000].to(pipe.device)).cpu(), "lenet")
-    labels = [i % 10 for i in range(config.num_samples)]
-    return PipelineObjective(pipe, clf.features, reference, extractor="lenet", metric=metric,  # type: ignore[arg-type]
-                             num_samples=config.num_samples, seed=config.image_seed, pipe_kwargs=config.pipe_kwargs,
-                             per_image_kwargs={"class_labels": labels}, batch_size=config.batch_size)
+        if not isinstance(pipe, ReferencePipeline):
+            raise ValueError(f"objective={metric!r} needs features= and reference= (FeatureStats) for this pipeline; "
+                             "or pass objectives.PipelineObjective(pipe, features, reference, ...) as the objective.")
+        features, reference = digit_reference(pipe.device, config.reference_stats)
+    elif features is None or reference is None:
+        raise ValueError("pass both features= (images -> features) and reference= (their FeatureStats).")
+    params = inspect.signature(pipe.__call__).parameters
+    per_image = {"class_labels": [i % 10 for i in range(config.num_samples)]} if "class_labels" in params else {}
+    return PipelineObjective(pipe, features, reference, extractor=getattr(features, "name", None) or config.extractor,
+                             metric=metric, num_samples=config.num_samples, seed=config.image_seed,  # type: ignore[arg-type]
+                             pipe_kwargs=config.pipe_kwargs, per_image_kwargs=per_image, batch_size=config.batch_size)
 
 
 def uniform_timesteps(scheduler, num_steps: int) -> list[int]:
@@ -273,42 +253,34 @@ def _write_checkpoint(path: Path, header: dict[str, Any], cache: FitnessCache) -
 
 
 # ------------------------------------------------------------------------------------------------ search
-def search_timesteps(
-    pipe,
-    num_steps: int,
-    objective: ObjectiveName | Callable[[Candidate], float] = "fd",
-    config: SearchConfig | None = None,
-    *,
-    checkpoint: str | Path | None = None,
-    on_evaluation: Callable[[Candidate, float, EvolutionState], None] | None = None,
-) -> SearchResult:
-    """AutoDiffusion: evolutionary search of a K-step schedule (and, optionally, of encoder key steps).
+def _checkpointed(fn: Callable[[Candidate], float], header: dict[str, Any], checkpoint: str | Path | None):
+    """(cache, evaluate): the memoised objective, resumed from `checkpoint` and written to it per evaluation."""
+    cache = FitnessCache(fn)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        saved = json.loads(ckpt.read_text())
+        if {k: saved.get(k) for k in header} != header:
+            raise ValueError(f"checkpoint {ckpt} belongs to another search (different K, objective or config): "
+                             "delete it or pass another path.")
+        cache.preload(saved["evaluated"])
 
-    Args:
-        pipe: the pipeline whose scheduler (e.g. DPM-Solver++) samples the candidates; for
-            objective='exact', a `GaussianMixtureDenoiser` (sampled with DPM-Solver++ 2M).
-        num_steps: K, the number of steps (model evaluations) of the schedule.
-        objective: 'fd', 'kid' (reference model: digit features vs training digits), 'exact', or any callable
-            Candidate -> fitness (lower is better).
-        config: `SearchConfig`.
-        checkpoint: JSON file updated after every evaluation; an existing one (same search) is resumed.
-        on_evaluation: called after each new evaluation (progress bars).
+    def evaluate(c: Candidate) -> float:
+        value = cache(c)
+        if ckpt is not None:
+            _write_checkpoint(ckpt, header, cache)
+        return value
 
-    Example:
-        >>> result = search_timesteps(pipe, num_steps=4, objective="fd", config=SearchConfig(seed=0))
-        >>> images = pipe(class_labels=[3], timesteps=result.timesteps).images
-    """
-    config = config or SearchConfig()
-    refuse_flow_matching(pipe, "search_timesteps", "a search space of flow sigmas in [0, 1] (candidates here are "
-                         "integer timesteps of a VP noise schedule) and flow-matching objectives")
-    start = time.perf_counter()
+    return cache, evaluate
+
+
+def _setup(pipe, num_steps: int, objective, config: SearchConfig, features, reference):
+    """(fitness function, objective name, scheduler, stage-1 space, stage-2 space or None), validated."""
     if callable(objective) and not isinstance(objective, str):
         fn, name = objective, getattr(objective, "name", type(objective).__name__)
     elif objective in OBJECTIVES:
-        name = str(objective)
+        fn, name = None, str(objective)
     else:
         raise ValueError(f"unknown objective {objective!r}: use one of {OBJECTIVES} or a callable(candidate) -> float.")
-
     model = _exact_model(pipe, required=name == "exact" and isinstance(objective, str))
     if model is not None:
         scheduler, num_train = dpmsolver_for(model), len(model.alphas_cumprod)
@@ -331,45 +303,78 @@ def search_timesteps(
     elif config.num_skips is not None:
         space2 = _skip_space(pipe, model, num_steps, max_t, config)
     if isinstance(objective, str) and name in ("fd", "kid"):
-        fn = _reference_objective(pipe, name, config)
+        fn = _named_objective(pipe, name, config, features, reference)
+    return fn, name, scheduler, space, space2
 
-    cache = FitnessCache(fn)
-    header = {"format": CHECKPOINT_FORMAT, "num_steps": num_steps, "objective": name, "config": config.to_dict()}
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.exists():
-        saved = json.loads(ckpt.read_text())
-        if {k: saved.get(k) for k in header} != header:
-            raise ValueError(f"checkpoint {ckpt} belongs to another search (different K, objective or config): "
-                             "delete it or pass another path.")
-        cache.preload(saved["evaluated"])
 
-    def evaluate(c: Candidate) -> float:
-        value = cache(c)
-        if ckpt is not None:
-            _write_checkpoint(ckpt, header, cache)
-        return value
+def _uniform_candidate(scheduler, space: SearchSpace) -> Candidate:
+    """The scheduler's own K-step schedule within the search range (the first generation's anchor)."""
+    lo, hi, k = space.min_timestep, space.max_timestep, space.num_steps
+    return make_candidate([t for t in uniform_timesteps(scheduler, k) if lo <= t <= hi] or range(hi, hi - k, -1))
 
-    generator = torch.Generator().manual_seed(config.seed)
-    common = dict(population_size=config.population_size, num_parents=config.num_parents,
-                  num_mutations=config.num_mutations, num_crossovers=config.num_crossovers,
-                  mutation_prob=config.mutation_prob, init_mutation_prob=config.init_mutation_prob,
-                  generator=generator, on_evaluation=on_evaluation)
-    uniform = make_candidate([t for t in uniform_timesteps(scheduler, num_steps)
-                              if config.min_timestep <= t <= max_t] or range(max_t, max_t - num_steps, -1))
-    state = evolve(evaluate, space, [uniform], max_evaluations=config.max_evaluations,
-                   max_generations=config.max_generations, **common)
-    best1 = min((c for c in state.fitness if not c.key_steps), key=lambda c: (state.fitness[c], c))
-    best = best1
-    if space2 is not None and space2.num_key_steps is not None:
+
+def _stage2_seeds(space2: SearchSpace, best1: Candidate, num_steps: int, config: SearchConfig,
+                  generator: torch.Generator) -> list[Candidate]:
+    """Stage 2 starts from the stage-1 schedule: with the key-step presets, or (the paper's) random skips."""
+    if space2.num_key_steps is not None:
         presets = config.key_step_presets or default_key_step_presets(num_steps, space2.num_key_steps)
         seeds = [make_candidate(best1.timesteps, keys) for keys in presets]
         bad = [list(s.key_steps) for s in seeds if not space2.contains(s)]
         if bad:
             raise ValueError(f"key_step_presets {bad} must each hold {space2.num_key_steps} distinct step indices in "
                              f"[0, {num_steps - 1}] including 0.")
-    elif space2 is not None:  # the paper's stage 2 starts from the stage-1 schedule with random skips
-        seeds = [make_candidate(best1.timesteps, (), random_candidate(space2, generator).skips) for _ in range(2)]
+        return seeds
+    return [make_candidate(best1.timesteps, (), random_candidate(space2, generator).skips) for _ in range(2)]
+
+
+def search_timesteps(
+    pipe,
+    num_steps: int,
+    objective: ObjectiveName | Callable[[Candidate], float] = "fd",
+    config: SearchConfig | None = None,
+    *,
+    features: Callable | None = None,
+    reference: FeatureStats | None = None,
+    checkpoint: str | Path | None = None,
+    on_evaluation: Callable[[Candidate, float, EvolutionState], None] | None = None,
+) -> SearchResult:
+    """AutoDiffusion: evolutionary search of a K-step schedule (and, optionally, of encoder key steps).
+
+    Args:
+        pipe: the pipeline whose scheduler (e.g. DPM-Solver++) samples the candidates; for
+            objective='exact', a `GaussianMixtureDenoiser` (sampled with DPM-Solver++ 2M).
+        num_steps: K, the number of steps (model evaluations) of the schedule.
+        objective: 'fd' / 'kid' (of `features` of N images against `reference`), 'exact', or any callable
+            Candidate -> fitness (lower is better).
+        config: `SearchConfig`.
+        features / reference: for 'fd' / 'kid', images (B, C, H, W) in [0, 1] -> features (B, d), and the
+            `FeatureStats` of real images in that feature space (`meta["extractor"]` names it). Omitted for
+            a `ReferencePipeline`: the digit classifier's features vs 4000 training digits (`digit_reference`).
+        checkpoint: JSON file updated after every evaluation; an existing one (same search) is resumed.
+        on_evaluation: called after each new evaluation (progress bars).
+
+    Example:
+        >>> result = search_timesteps(pipe, num_steps=4, objective="fd", config=SearchConfig(seed=0))
+        >>> images = pipe(class_labels=[3], timesteps=result.timesteps).images
+    """
+    config = config or SearchConfig()
+    refuse_flow_matching(pipe, "search_timesteps", "a search space of flow sigmas in [0, 1] (candidates here are "
+                         "integer timesteps of a VP noise schedule) and flow-matching objectives")
+    start = time.perf_counter()
+    fn, name, scheduler, space, space2 = _setup(pipe, num_steps, objective, config, features, reference)
+    header = {"format": CHECKPOINT_FORMAT, "num_steps": num_steps, "objective": name, "config": config.to_dict()}
+    cache, evaluate = _checkpointed(fn, header, checkpoint)
+    generator = torch.Generator().manual_seed(config.seed)
+    common = dict(population_size=config.population_size, num_parents=config.num_parents,
+                  num_mutations=config.num_mutations, num_crossovers=config.num_crossovers,
+                  mutation_prob=config.mutation_prob, init_mutation_prob=config.init_mutation_prob,
+                  generator=generator, on_evaluation=on_evaluation)
+    state = evolve(evaluate, space, [_uniform_candidate(scheduler, space)], max_evaluations=config.max_evaluations,
+                   max_generations=config.max_generations, **common)
+    best1 = min((c for c in state.fitness if not c.key_steps), key=lambda c: (state.fitness[c], c))
+    best = best1
     if space2 is not None:
+        seeds = _stage2_seeds(space2, best1, num_steps, config, generator)
         state = evolve(evaluate, space2, seeds, max_evaluations=config.stage2_evaluations, max_generations=None,
                        state=state, **common)
         best = min((c for c in state.fitness if space2.contains(c)), key=lambda c: (state.fitness[c], c))
@@ -381,87 +386,3 @@ def search_timesteps(
         candidates=[{**c.to_dict(), "fitness": f} for c, f in state.fitness.items()],
         skips=[list(pair) for pair in best.skips] if best.skips else None,
     )
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `fastdiff search`."""
-    parser.add_argument("--steps", type=int, required=True, help="K, the number of steps of the schedule")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="fd",
-                        help="fd/kid: reference-model digits vs training digits; exact: a built-in Gaussian mixture")
-    parser.add_argument("--out", default="schedule.json", help="schedule JSON to write")
-    parser.add_argument("--checkpoint", default=None, help="JSON checkpoint, updated per evaluation; resumed")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--population", type=int, default=16)
-    parser.add_argument("--parents", type=int, default=6)
-    parser.add_argument("--evaluations", type=int, default=80, help="stage-1 budget (objective evaluations)")
-    parser.add_argument("--num-samples", type=int, default=256, help="images per evaluation (fixed seeds)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
-    parser.add_argument("--reference-stats", default=None, help=".npz stats (default: 4000 training digits, lenet)")
-    parser.add_argument("--key-steps", type=int, default=None, help="stage 2: search this many key steps jointly")
-    parser.add_argument("--skips", type=int, default=None,
-                        help="stage 2 (the paper's): search this many skipped (step, layer) pairs jointly")
-    parser.add_argument("--max-skip-fraction", type=float, default=0.1,
-                        help="the most UNet layers skipped at one step, as a fraction (paper: 0.1)")
-    parser.add_argument("--stage2-evaluations", type=int, default=40)
-    parser.add_argument("--device", default="cpu")
-
-
-def _demo_mixture():
-    """The CLI's exact-objective toy: a seeded 3-component mixture in 1x4x4."""
-    from fastdiff.testing import GaussianMixtureDenoiser
-
-    gen = torch.Generator().manual_seed(0)
-    return GaussianMixtureDenoiser(means=torch.rand((3, 1, 4, 4), generator=gen, dtype=torch.float64) * 2 - 1,
-                                   stds=torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64))
-
-
-def run_search(args: argparse.Namespace) -> int:
-    """`fastdiff search`: run the search with a progress bar, write the schedule JSON; bad input exits 2."""
-    try:
-        return _run_search(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff search: {err}", file=sys.stderr)
-        return 2
-
-
-def _run_search(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    config = SearchConfig(seed=args.seed, population_size=args.population, num_parents=args.parents,
-                          max_evaluations=args.evaluations, num_samples=args.num_samples,
-                          pipe_kwargs={} if args.objective == "exact" else {"guidance_scale": args.guidance_scale},
-                          reference_stats=args.reference_stats, num_key_steps=args.key_steps,
-                          num_skips=args.skips, max_skip_fraction=args.max_skip_fraction,
-                          stage2_evaluations=args.stage2_evaluations)
-    if args.objective == "exact":
-        pipe = _demo_mixture()
-    else:
-        from diffusers import DPMSolverMultistepScheduler
-
-        from fastdiff.models import load_reference_pipeline
-
-        pipe = load_reference_pipeline(device=args.device)
-        # DPM-Solver++ 2M from the model's config, as in eval/sweeps/reference.toml
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, solver_order=2)
-        pipe.set_progress_bar_config(disable=True)
-    stage2 = config.num_key_steps is not None or config.num_skips is not None
-    total = config.max_evaluations + (config.stage2_evaluations if stage2 else 0)
-    bar = tqdm(total=total, desc=f"search K={args.steps}", dynamic_ncols=True)
-
-    def progress(c: Candidate, value: float, state: EvolutionState) -> None:
-        bar.update(1)
-        bar.set_postfix(best=f"{min(state.fitness.values()):.4g}", gen=state.generations)
-
-    try:
-        result = search_timesteps(pipe, args.steps, args.objective, config, checkpoint=args.checkpoint,
-                                  on_evaluation=progress)
-    finally:
-        bar.close()
-    path = result.save(args.out)
-    keys = f" key_steps={result.key_steps}" if result.key_steps else ""
-    keys += f" skips={result.skips}" if result.skips else ""
-    print(f"timesteps={result.timesteps}{keys} {result.objective}={result.fitness:.4f} "
-          f"evaluations={result.evaluations} wall={result.wall_time_s:.0f}s -> {path}")
-    return 0
-

@@ -1,5 +1,7 @@
 """AutoDiffusion (Li et al. 2023, arXiv 2309.10438) fitness functions: lower is better.
 
+FD and KID are `fastdiff.eval.metrics`' (one implementation); reference statistics are its `FeatureStats`.
+
 - `PipelineObjective`: FD (or KID) of N images sampled at fixed seeds against reference statistics. The seeds
   are the same for every candidate (common random numbers), so two schedules differ only by the schedule.
 - `ExactObjective`: on a `GaussianMixtureDenoiser`, the Frechet distance between the moments of N samples
@@ -9,15 +11,20 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from fastdiff.eval.metrics import (
+    FeatureStats,
+    check_compatible,
+    compute_stats,
+    frechet_distance,
+    kernel_distance,
+    load_stats,
+)
 from fastdiff.search.evolutionary import Candidate, make_candidate
 
 Metric = Literal["fd", "kid"]
@@ -27,45 +34,10 @@ def _as_candidate(c: Candidate | Sequence[int]) -> Candidate:
     return c if isinstance(c, Candidate) else make_candidate(c)
 
 
-# ------------------------------------------------------------------------------------------------ metrics
-def gaussian_frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor
-                              ) -> float:
-    """Frechet distance of two Gaussians (Dowson & Landau 1982): |mu1-mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2).
-
-    fp64, symmetric eigendecompositions (no scipy): exact for PSD covariances.
-    """
-    mu1, mu2, s1, s2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, mu2, sigma1, sigma2))
-    w, v = torch.linalg.eigh((s1 + s1.T) / 2)
-    root1 = (v * w.clamp(min=0).sqrt()) @ v.T
-    middle = root1 @ s2 @ root1
-    cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross)
-
-
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.reshape(len(x), -1).to(torch.float64)
-    return x.mean(0), torch.cov(x.T).reshape(x.shape[1], x.shape[1])
-
-
-def _frechet(mu1, sigma1, mu2, sigma2) -> float:
-    try:
-        from fastdiff.eval.metrics import frechet_distance
-    except ImportError:  # fastdiff.eval not landed: the fp64 closed form above is the same quantity
-        return gaussian_frechet_distance(mu1, sigma1, mu2, sigma2)
-    return float(frechet_distance(*(np.asarray(v, dtype=np.float64) for v in (mu1, sigma1, mu2, sigma2))))
-
-
-def _kid(features: np.ndarray, reference: np.ndarray) -> float:
-    try:
-        from fastdiff.eval.metrics import kernel_distance
-    except ImportError:
-        # Binkowski et al. 2018: unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3.
-        x, y = (torch.as_tensor(a, dtype=torch.float64) for a in (features, reference))
-        d, m, n = x.shape[1], len(x), len(y)
-        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        return float((kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (n * (n - 1))
-                     - 2 * kxy.mean())
-    return float(kernel_distance(np.asarray(features), np.asarray(reference))[0])
+def _moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of samples (N, ...) flattened to (N, d), in float64."""
+    stats = compute_stats(x.reshape(len(x), -1).to(torch.float64).cpu().numpy(), keep_features=False)
+    return stats.mu, stats.sigma
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -104,15 +76,13 @@ def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
 
 
 def dpmsolver_for(model, **overrides: Any):
-    """DPM-Solver++ 2M (diffusers' defaults) on the model's own abar schedule; fastdiff's scheduler if present."""
-    try:
-        from fastdiff.schedulers import DPMSolverPlusPlusScheduler as Scheduler
-    except ImportError:
-        from diffusers import DPMSolverMultistepScheduler as Scheduler
+    """fastdiff's DPM-Solver++ 2M (diffusers' defaults) on the model's own abar schedule."""
+    from fastdiff.schedulers import DPMSolverPlusPlusScheduler
+
     kwargs = dict(num_train_timesteps=len(model.alphas_cumprod), trained_betas=betas_from_alphas_cumprod(
         model.alphas_cumprod), algorithm_type="dpmsolver++", solver_order=2, prediction_type=model.prediction_type)
     kwargs.update(overrides)
-    return Scheduler(**kwargs)
+    return DPMSolverPlusPlusScheduler(**kwargs)
 
 
 class ExactObjective:
@@ -134,7 +104,7 @@ class ExactObjective:
         self.scheduler = scheduler if scheduler is not None else dpmsolver_for(model)
         gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn((num_samples, *model.means.shape[1:]), generator=gen, dtype=torch.float64)
-        self.target = (model.data_mean(), model.data_covariance())
+        self.target = (model.data_mean().double().numpy(), model.data_covariance().double().numpy())
 
     def sample(self, timesteps: Sequence[int] | None = None, scheduler=None,
                num_inference_steps: int | None = None) -> torch.Tensor:
@@ -151,7 +121,7 @@ class ExactObjective:
         return x
 
     def score(self, samples: torch.Tensor) -> float:
-        return gaussian_frechet_distance(*_moments(samples), *self.target)
+        return frechet_distance(*_moments(samples), *self.target)
 
     def __call__(self, candidate: Candidate | Sequence[int]) -> float:
         c = _as_candidate(candidate)
@@ -161,43 +131,6 @@ class ExactObjective:
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
-@dataclass
-class ReferenceStats:
-    """Reference statistics of real images: mean and covariance of features (and optionally the features)."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    extractor: str
-    n: int
-    features: np.ndarray | None = None
-    meta: dict | None = None
-
-    @classmethod
-    def from_features(cls, features: np.ndarray | torch.Tensor, extractor: str) -> ReferenceStats:
-        f = np.asarray(torch.as_tensor(features).double())
-        return cls(f.mean(0), np.cov(f, rowvar=False), extractor, len(f), f)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ReferenceStats:
-        """Load `.npz` stats with their JSON sidecar (through fastdiff.eval when available)."""
-        path = Path(path)
-        try:
-            from fastdiff.eval.metrics import load_stats
-        except ImportError:
-            load_stats = None
-        if load_stats is not None:
-            stats = load_stats(path)
-            if "extractor" not in stats.meta:
-                raise ValueError(f"{path}: its sidecar does not name the feature extractor; recreate the stats.")
-            return cls(stats.mu, stats.sigma, str(stats.meta["extractor"]), stats.n, stats.features, stats.meta)
-        data = np.load(path)
-        sidecar = path.with_suffix(".json")
-        if not sidecar.exists():
-            raise ValueError(f"{sidecar} is missing: reference stats need their JSON sidecar naming the extractor.")
-        meta = json.loads(sidecar.read_text())
-        return cls(data["mu"], data["sigma"], str(meta["extractor"]), int(meta.get("n", 0)), None, meta)
-
-
 class PipelineObjective:
     """FD or KID of `num_samples` images generated at seeds `seed..seed+N-1` against `reference`.
 
@@ -205,16 +138,17 @@ class PipelineObjective:
         pipe: any diffusers pipeline taking `timesteps=`, `generator=` (a list, one per image) and
             `output_type="pt"` (images in [0, 1]).
         features: images (B, C, H, W) in [0, 1] -> features (B, d).
-        reference: stats of real images computed with the extractor named `extractor`.
+        reference: `fastdiff.eval.metrics.FeatureStats` of real images; `reference.meta["extractor"]` names the
+            extractor they were computed with (`compute_stats(features, {"extractor": "lenet"})`, `load_stats`).
         extractor: name of `features` (default: `features.name`, e.g. a `fastdiff.eval.features` extractor); it
-            must equal `reference.extractor` (no silent mixing of feature spaces).
+            must equal the reference's extractor (no silent mixing of feature spaces).
         metric: "fd" (Frechet distance) or "kid" (needs `reference.features`).
         pipe_kwargs: fixed keyword arguments of every call (e.g. guidance_scale).
         per_image_kwargs: lists of length N sliced per batch (e.g. class_labels, prompt).
         batch_size: images per pipeline call.
     """
 
-    def __init__(self, pipe, features: Callable[[torch.Tensor], torch.Tensor], reference: ReferenceStats, *,
+    def __init__(self, pipe, features: Callable[[torch.Tensor], torch.Tensor], reference: FeatureStats, *,
                  extractor: str | None = None, metric: Metric = "fd", num_samples: int = 256, seed: int = 0,
                  pipe_kwargs: Mapping[str, Any] | None = None,
                  per_image_kwargs: Mapping[str, Sequence[Any]] | None = None, batch_size: int = 256) -> None:
@@ -223,16 +157,18 @@ class PipelineObjective:
         extractor = extractor or getattr(features, "name", None)
         if extractor is None:
             raise ValueError("name the feature extractor: pass extractor='lenet' (or a fastdiff.eval extractor).")
-        if reference.extractor != extractor:
-            raise ValueError(f"reference stats were computed with extractor {reference.extractor!r} but the objective "
+        ref_extractor = reference.meta.get("extractor")
+        if ref_extractor is None:
+            raise ValueError("the reference stats do not name their feature extractor (meta['extractor']): "
+                             "recreate them with compute_stats(features, {'extractor': ...}) or `fastdiff eval ref`.")
+        if ref_extractor != extractor:
+            raise ValueError(f"reference stats were computed with extractor {ref_extractor!r} but the objective "
                              f"uses {extractor!r}: recompute them with the same extractor.")
         if metric == "kid" and reference.features is None:
-            raise ValueError("metric='kid' needs reference features: build it with ReferenceStats.from_features.")
+            raise ValueError("metric='kid' needs reference features: keep them in compute_stats / save_stats.")
         if num_samples < 1 or batch_size < 1:
             raise ValueError("num_samples and batch_size must be >= 1 (and num_samples >= 2 to score).")
-        if reference.meta and callable(getattr(features, "meta", None)):
-            from fastdiff.eval.metrics import check_compatible
-
+        if callable(getattr(features, "meta", None)):
             check_compatible(features.meta(), reference.meta)
         per_image = dict(per_image_kwargs or {})
         for key, values in per_image.items():
@@ -264,11 +200,11 @@ class PipelineObjective:
         feats = torch.cat([torch.as_tensor(c).detach().cpu().double() for c in chunks])
         if feats.shape[1] != self.reference.mu.shape[0]:
             raise ValueError(f"features have dimension {feats.shape[1]} but the reference stats "
-                             f"{self.reference.mu.shape[0]}: the stats were made with {self.reference.extractor!r}.")
+                             f"{self.reference.mu.shape[0]}: the stats were made with "
+                             f"{self.reference.meta['extractor']!r}.")
         if self.metric == "kid":
-            return _kid(feats.numpy(), self.reference.features)
-        mu, sigma = _moments(feats)
-        return _frechet(mu.numpy(), sigma.numpy(), self.reference.mu, self.reference.sigma)
+            return kernel_distance(feats.numpy(), self.reference.features)[0]
+        return frechet_distance(*_moments(feats), self.reference.mu, self.reference.sigma)
 
     def __call__(self, candidate: Candidate | Sequence[int]) -> float:
         return self.score_images(self.generate(candidate))
@@ -294,3 +230,22 @@ def _skipping(pipe, skips: Sequence[tuple[int, int]]):
     from fastdiff.hooks import BlockSkipConfig, block_skip
 
     return block_skip(pipe, BlockSkipConfig(skips=list(skips)))
+
+
+def digit_reference(device: str | torch.device = "cpu", reference_stats: str | None = None):
+    """The built-in model's search inputs: the shipped digit classifier's features (`lenet`) and reference stats.
+
+    The stats are `reference_stats` (an `.npz`) or those of the first 4000 training digits, so that the
+    held-out digits stay unseen by a search and can score its result. Returns (features, FeatureStats).
+    """
+    from fastdiff.models import load_digit_classifier
+
+    clf = load_digit_classifier(device=str(device))
+    if reference_stats is not None:
+        return clf.features, load_stats(reference_stats)
+    from fastdiff.models.data import load_digits
+
+    images, _ = load_digits("train")
+    with torch.no_grad():
+        reference = compute_stats(clf.features(images[:4000].to(device)).cpu(), {"extractor": "lenet"})
+    return clf.features, reference

@@ -10,7 +10,6 @@ upwards (it shrinks like 1/N), so compare rows with each other, not with the ful
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -19,29 +18,25 @@ SWEEP_FILE = Path("eval") / "sweeps" / "reference.toml"
 
 
 def _sweep_file() -> Path:
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (root / SWEEP_FILE).is_file():
             return root / SWEEP_FILE
     raise FileNotFoundError(f"{SWEEP_FILE} not found: run `fastdiff demo` from the fastdiff repository root.")
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=DEMO_N, help=f"images per method (default {DEMO_N})")
     parser.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the reference sweep at N = `args.n`; print the table and the output paths."""
     from fastdiff.eval.sweep import run_sweep
 
     start = time.perf_counter()
-    try:
-        sweep = _sweep_file()
-        print(f"fastdiff demo: {sweep} with N = {args.n} images per method -> {args.out}", flush=True)
-        rows = run_sweep(sweep, args.out, n=args.n)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastdiff demo: {err}", file=sys.stderr)
-        return 2
+    sweep = _sweep_file()
+    print(f"fastdiff demo: {sweep} with N = {args.n} images per method -> {args.out}", flush=True)
+    rows = run_sweep(sweep, args.out, n=args.n)
     out = Path(args.out)
     print()
     print((out / "results.md").read_text())

@@ -1,0 +1,26 @@
+"""`fastdiff eval sweep`: run a sweep TOML; print the table and where results.jsonl, results.md, pareto.png went."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="sweep TOML (e.g. eval/sweeps/reference.toml)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/sweeps/<title>)")
+    parser.add_argument("--n", type=int, default=None, help="override eval.n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastdiff.eval.distributed import init_distributed
+    from fastdiff.eval.sweep import default_out_dir, load_sweep, run_sweep
+
+    config = load_sweep(args.sweep)
+    rows = run_sweep(config, args.out, n=args.n)
+    rank, _ = init_distributed()
+    if rank == 0:
+        out = Path(args.out) if args.out else default_out_dir(config)
+        print((out / "results.md").read_text())
+        print(f"wrote {out / 'results.jsonl'}, {out / 'results.md'}, {out / 'pareto.png'} ({len(rows)} methods)")
+    return 0
