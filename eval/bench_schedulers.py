@@ -367,6 +367,212 @@ def bench_peers(nfes=PEER_NFES) -> dict:
     return out
 
 
+# ------------------------------------------------------------------- (fd) peers on the reference model: FD vs NFE
+FD_NFES = (4, 5, 6, 8, 10)
+FD_RUN_ORDER = (4, 6, 10, 5, 8)  # columns that need no new timestep search first (a cut-short run keeps them)
+SEARCH_DIR = Path(__file__).parent / "results" / "search"
+# recorded 2M searches of eval/bench_search.py (diffusers' DPMSolverMultistepScheduler order 2, same objective):
+# K -> (file, key with the timestep-only schedule, what it is)
+RECORDED_SCHEDULES = {
+    4: ("schedule_k4.json", "timesteps", "bench_search --part reference, 60 evaluations"),
+    6: ("schedule_k6.json", "timesteps", "bench_search --part reference, 60 evaluations"),
+    10: ("schedule_k10_joint.json", "stage1_timesteps", "bench_search --part joint, stage 1 (timesteps only), "
+         "40 evaluations"),
+}
+FD_HEUN_STEPS = {nfe: (nfe + 1) // 2 for nfe in FD_NFES}  # k steps cost 2k - 1 evaluations: at or below the NFE
+
+
+def _fd_rows() -> list[tuple[str, str, dict, str]]:
+    """(label, scheduler class, scheduler_kwargs over the shipped DDPM config, how the NFE is spent)."""
+    return [
+        ("fastdiff DPM-Solver++ 2M, uniform", "DPMSolverPlusPlusScheduler", {"solver_order": 2}, "steps"),
+        ("fastdiff DPM-Solver++ 2M, searched", "DPMSolverPlusPlusScheduler", {"solver_order": 2}, "searched"),
+        ("fastdiff DPM-Solver++ 3M, uniform", "DPMSolverPlusPlusScheduler", {"solver_order": 3}, "steps"),
+        ("fastdiff DPM-Solver++ 3M, 2M's searched schedule", "DPMSolverPlusPlusScheduler", {"solver_order": 3},
+         "searched"),
+        # bh1's default last step to sigma 0 returns NaN on this config (B_h = -h = -inf times a zero correction
+        # at the order-1 final step, diffusers 0.42.1): measured with its only finite final step, sigma_min
+        ("diffusers UniPC bh1, final sigma_min", "UniPCMultistepScheduler",
+         {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}, "steps"),
+        ("diffusers UniPC bh2", "UniPCMultistepScheduler", {"solver_type": "bh2"}, "steps"),
+        ("diffusers DEIS (order 3)", "DEISMultistepScheduler", {}, "steps"),
+        ("diffusers Euler", "EulerDiscreteScheduler", {}, "steps"),
+        ("diffusers Heun", "HeunDiscreteScheduler", {}, "heun"),
+        ("diffusers DPM-Solver++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "steps"),
+        ("diffusers DDIM", "DDIMScheduler", {}, "steps"),
+    ]
+
+
+def _searched_schedule(k: int, setup, log=print) -> tuple[list[int], str]:
+    """The 2M-searched K-step schedule: recorded in eval/results/search/ when there is one, else searched now
+    with bench_search's reference settings (saved to eval/results/schedulers/schedule_k{K}.json, resumable)."""
+    if k in RECORDED_SCHEDULES:
+        name, key, what = RECORDED_SCHEDULES[k]
+        ts = json.loads((SEARCH_DIR / name).read_text())[key]
+        return [int(t) for t in ts], f"eval/results/search/{name} ({what})"
+    path = OUT / f"schedule_k{k}.json"
+    what = "searched here with bench_search's reference settings: 200 images at seeds 100000+, 60 evaluations"
+    if path.exists():
+        ts = json.loads(path.read_text())["timesteps"]
+        return [int(t) for t in ts], f"eval/results/schedulers/{path.name} ({what})"
+    from fastdiff.search import SearchConfig, search_timesteps
+
+    pipe, search_obj = setup["search_pipe"], setup["search_obj"]
+    t0 = time.perf_counter()
+    result = search_timesteps(pipe, k, search_obj, SearchConfig(seed=0, max_evaluations=60, population_size=16,
+                                                                num_parents=6),
+                              checkpoint=OUT / f".search_k{k}_checkpoint.json")
+    result.save(path)
+    (OUT / f".search_k{k}_checkpoint.json").unlink(missing_ok=True)
+    log(f"  searched K={k}: {result.timesteps} in {time.perf_counter() - t0:.0f} s (this session)")
+    return [int(t) for t in result.timesteps], f"eval/results/schedulers/{path.name} ({what})"
+
+
+def _fd_setup(n: int) -> dict:
+    """bench_search's reference setup: the pipeline with diffusers' 2M (for searches), its search objective, and
+    the held-out-seed scorer (seeds 0..n-1, labels i % 10, FD vs the 4,000 training digits, lenet features)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_search
+    from diffusers import DDPMScheduler
+
+    from fastdiff.models import load_reference_pipeline
+
+    pipe, clf, _, train_images, _, held_images = bench_search._reference(False)
+    search_obj, _, vs_train = bench_search._objectives(pipe, clf, train_images, held_images, 200, n, 100_000)
+    shipped = load_reference_pipeline().scheduler  # the shipped DDPM config: every row's from_config base
+    assert isinstance(shipped, DDPMScheduler), type(shipped)
+    return {"search_pipe": pipe, "search_obj": search_obj, "scorer": vs_train, "shipped": shipped}
+
+
+def _fd_cell(setup, spec, n: int, batch: int = 256) -> dict:
+    """Images 0..n-1 of `spec` (MethodSpec) at seeds 0..n-1, labels i % 10; FD vs the training digits."""
+    pipe, scorer = setup["search_pipe"], setup["scorer"]
+    calls = [0]
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    search_scheduler, pipe.scheduler = pipe.scheduler, setup["shipped"]
+    images, batches = [], 0
+    try:
+        with spec.apply(pipe) as sample, torch.no_grad():
+            t0 = time.perf_counter()
+            for start in range(0, n, batch):
+                idx = range(start, min(start + batch, n))
+                out = sample(class_labels=[i % 10 for i in idx], output_type="pt",
+                             generator=[torch.Generator().manual_seed(scorer.seed + i) for i in idx])
+                images.append(out.images.float().cpu())
+                batches += 1
+            wall = time.perf_counter() - t0
+            timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    finally:
+        hook.remove()
+        pipe.scheduler = search_scheduler
+    images = torch.cat(images)
+    bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+    return {"fd": scorer.score_images(images) if bad == 0 else float("nan"), "s_per_image": wall / n,
+            "nfe": calls[0] / batches, "timesteps": timesteps, "nonfinite_images": bad}
+
+
+def bench_fd_peers(n: int = 4000, nfes=FD_RUN_ORDER, log=print, save=None) -> dict:
+    """FD (lenet) vs NFE on the reference model for fastdiff's DPM-Solver++ (uniform and searched schedules) and
+    diffusers' few-step schedulers, bench_search's held-out-seed protocol. Cells are appended to
+    eval/results/schedulers/fd_cells.jsonl as they finish; a rerun skips the cells already there (same N)."""
+    from fastdiff.eval import MethodSpec
+
+    cells_path = OUT / "fd_cells.jsonl"
+    cells = [json.loads(line) for line in cells_path.read_text().splitlines()] if cells_path.exists() else []
+    cells = [c for c in cells if c["n"] == n]
+    env = {**_env(), "OMP_NUM_THREADS": __import__("os").environ.get("OMP_NUM_THREADS"),
+           "platform": platform.platform()}
+    res = {"n": n, "nfes": list(FD_NFES), "features": "lenet (shipped digit classifier, 128-d penultimate layer)",
+           "reference": "4,000 training digits (bench_search's train reference stats)",
+           "images": f"seeds 0..{n - 1} (held out from every search, which used seeds 100000+), labels i % 10, "
+                     "guidance 1 (pipeline default), batch 256, output_type='pt'",
+           "base_config": "the shipped DDPM config (v_prediction, linear betas, timestep_spacing 'trailing', "
+                          "clip_sample true): from_config(shipped, **kwargs) for every row",
+           "nfe": "UNet evaluations per image, counted with a forward pre-hook; Heun with k steps costs 2k - 1: "
+                  f"steps {FD_HEUN_STEPS} for the target NFEs (the nearest NFE at or below)",
+           "env": env, "schedules": {}, "cells": cells}
+    done = {(c["row"], c["target_nfe"]) for c in cells}
+    setup = None
+    for target in nfes:
+        for label, scheduler, kwargs, mode in _fd_rows():
+            if (label, target) in done:
+                continue
+            setup = setup or _fd_setup(n)
+            steps = FD_HEUN_STEPS[target] if mode == "heun" else target
+            twin = next((c for c in cells if c["row"] == label and c["steps"] == steps and c.get("timesteps_source")
+                         is None and mode == "heun"), None)
+            if twin is not None:  # Heun at NFE 5 and 6 is the same 3-step run
+                cell = {**twin, "target_nfe": target, "same_run_as_nfe": twin["target_nfe"]}
+            else:
+                source = None
+                if mode == "searched":
+                    ts, source = _searched_schedule(target, setup, log)
+                    res["schedules"][str(target)] = {"timesteps": ts, "source": source}
+                    spec = MethodSpec(name=label, scheduler=scheduler, scheduler_kwargs=kwargs, timesteps=ts)
+                else:
+                    spec = MethodSpec(name=label, scheduler=scheduler, scheduler_kwargs=kwargs, steps=steps)
+                cell = {"row": label, "target_nfe": target, "steps": steps, "n": n, "scheduler": scheduler,
+                        "scheduler_kwargs": kwargs, "timesteps_source": source, **_fd_cell(setup, spec, n)}
+            cells.append(cell)
+            with cells_path.open("a") as f:
+                f.write(json.dumps(cell) + "\n")
+            log(f"  NFE {target:2d} {label:48s} FD {cell['fd']:8.3f}  NFE used {cell['nfe']:.0f}  "
+                f"{cell['s_per_image'] * 1e3:.1f} ms/img", flush=True)
+            if save:
+                save(res)
+    for target in FD_NFES:  # the schedule sources, also when every cell came from an earlier run
+        if target in RECORDED_SCHEDULES or (OUT / f"schedule_k{target}.json").exists():
+            ts, source = _searched_schedule(target, None, log)
+            res["schedules"][str(target)] = {"timesteps": ts, "source": source}
+    return res
+
+
+def _fd_markdown(fd: dict) -> list[str]:
+    rows = [label for label, *_ in _fd_rows()]
+    by = {(c["row"], c["target_nfe"]): c for c in fd["cells"]}
+    nfes = fd["nfes"]
+    lines = ["", "## (fd) Peers on the reference model: FD vs NFE", "",
+             f"N = {fd['n']} images per cell: {fd['images']}. FD on {fd['features']} against the {fd['reference']}, "
+             "the protocol of eval/results/search/reference.md. Base scheduler config: " + fd["base_config"] + ". "
+             + "NFE: " + fd["nfe"] + ". Seconds per image: generation wall time / N, "
+             f"{fd['env']['threads']} thread(s) on a CPU shared with another job (comparable within this table only).",
+             "", f"Environment: `{json.dumps(fd['env'])}`", "",
+             "| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for label in rows:
+        cells = []
+        for k in nfes:
+            c = by.get((label, k))
+            if c is None:
+                cells.append("not run")
+                continue
+            used = "" if round(c["nfe"]) == k else f" (NFE {c['nfe']:.0f})"
+            cells.append(f"{c['fd']:.3f}{used}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Seconds per image (same cells):", "",
+              "| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for label in rows:
+        cells = [f"{by[(label, k)]['s_per_image']:.4f}" if (label, k) in by else "-" for k in nfes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Searched schedules (DPM-Solver++ 2M searches; the 3M row reuses them unchanged):", ""]
+    lines += [f"- K = {k}: {s['timesteps']} from {s['source']}" for k, s in sorted(fd["schedules"].items(),
+                                                                                  key=lambda kv: int(kv[0]))]
+    lines += ["", "Goal check (best fastdiff row vs best other row at each NFE, lower FD is better):", ""]
+    for k in nfes:
+        done = [r for r in rows if (r, k) in by and math.isfinite(by[(r, k)]["fd"])]  # NaN rows win nothing
+        ours = [(by[(r, k)]["fd"], r) for r in done if r.startswith("fastdiff")]
+        peers = [(by[(r, k)]["fd"], r) for r in done if not r.startswith("fastdiff")]
+        if not ours or not peers:
+            lines.append(f"- NFE {k}: incomplete")
+            continue
+        (a, ra), (b, rb) = min(ours), min(peers)
+        verdict = "holds" if a < b else f"does NOT hold: {a - b:+.3f} ({a / b:.2f}x)"
+        lines.append(f"- NFE {k}: {ra} {a:.3f} vs {rb} {b:.3f}: goal {verdict}")
+    if fd.get("notes"):
+        lines += ["", "Notes (written by hand after the run; the numbers above are as measured):", ""]
+        lines += [f"- {note}" for note in fd["notes"]]
+    return lines
+
+
 def write_markdown(results: dict, path: Path) -> None:
     lines = ["# DPM-Solver++ schedulers: benchmark", "", f"Environment: `{json.dumps(results['env'])}`", ""]
     if "step_time" in results:
@@ -418,16 +624,22 @@ def write_markdown(results: dict, path: Path) -> None:
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
         lines.append("A number in parentheses is the NFE actually used where it differs (PNDM: N + 1; Heun: 2N - 1).")
+    if "fd" in results:
+        lines += _fd_markdown(results["fd"])
     path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    p.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d,fd")
     p.add_argument("--n", type=int, default=500, help="images per FD point in part c")
     p.add_argument("--n-guided", type=int, default=200, help="images per guided stress-test cell in part c")
     p.add_argument("--nfes", default="5,6,8,10,15,20", help="NFEs of the FD-vs-NFE table in part c")
+    p.add_argument("--fd-n", type=int, default=4000, help="images per cell in part fd (same N for every cell)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
@@ -458,6 +670,21 @@ def main(argv=None) -> int:
 
             results["reference"] = bench_reference(args.n, tuple(int(v) for v in args.nfes.split(",")),
                                                    n_guided=args.n_guided, save=save)
+    if "fd" in parts:
+        from fastdiff.models.train import UNET_FILE, WEIGHTS_DIR
+
+        if not (WEIGHTS_DIR / UNET_FILE).exists():
+            print(f"(fd) skipped: {WEIGHTS_DIR / UNET_FILE} does not exist yet (run `fastdiff train-reference`).")
+        else:
+            print("(fd) peers on the reference model", flush=True)
+            notes = results.get("fd", {}).get("notes", [])  # hand-written notes survive a rerun
+
+            def save_fd(partial):
+                results["fd"] = {**partial, "notes": notes}
+                path.write_text(json.dumps(results, indent=2) + "\n")
+                write_markdown(results, OUT / "results.md")
+
+            save_fd(bench_fd_peers(args.fd_n, save=save_fd))
     path.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, OUT / "results.md")
     print(f"wrote {path} and {OUT / 'results.md'}")
