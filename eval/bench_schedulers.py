@@ -390,6 +390,7 @@ def _fd_rows() -> list[tuple[str, str, dict, str]]:
         ("fastdiff DPM-Solver++ 3M, uniform", "DPMSolverPlusPlusScheduler", {"solver_order": 3}, "steps"),
         ("fastdiff DPM-Solver++ 3M, 2M's searched schedule", "DPMSolverPlusPlusScheduler", {"solver_order": 3},
          "searched"),
+        ("diffusers DPM-Solver++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "steps"),
         # bh1's default last step to sigma 0 returns NaN on this config (B_h = -h = -inf times a zero correction
         # at the order-1 final step, diffusers 0.42.1): measured with its only finite final step, sigma_min
         ("diffusers UniPC bh1, final sigma_min", "UniPCMultistepScheduler",
@@ -398,7 +399,6 @@ def _fd_rows() -> list[tuple[str, str, dict, str]]:
         ("diffusers DEIS (order 3)", "DEISMultistepScheduler", {}, "steps"),
         ("diffusers Euler", "EulerDiscreteScheduler", {}, "steps"),
         ("diffusers Heun", "HeunDiscreteScheduler", {}, "heun"),
-        ("diffusers DPM-Solver++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "steps"),
         ("diffusers DDIM", "DDIMScheduler", {}, "steps"),
     ]
 
@@ -494,7 +494,10 @@ def bench_fd_peers(n: int = 4000, nfes=FD_RUN_ORDER, log=print, save=None) -> di
     done = {(c["row"], c["target_nfe"]) for c in cells}
     setup = None
     for target in nfes:
-        for label, scheduler, kwargs, mode in _fd_rows():
+        rows = _fd_rows()
+        if target not in RECORDED_SCHEDULES and not (OUT / f"schedule_k{target}.json").exists():
+            rows.sort(key=lambda row: row[3] == "searched")  # a new search last: a cut-short run keeps the rest
+        for label, scheduler, kwargs, mode in rows:
             if (label, target) in done:
                 continue
             setup = setup or _fd_setup(n)
@@ -561,8 +564,9 @@ def _fd_markdown(fd: dict) -> list[str]:
         done = [r for r in rows if (r, k) in by and math.isfinite(by[(r, k)]["fd"])]  # NaN rows win nothing
         ours = [(by[(r, k)]["fd"], r) for r in done if r.startswith("fastdiff")]
         peers = [(by[(r, k)]["fd"], r) for r in done if not r.startswith("fastdiff")]
-        if not ours or not peers:
-            lines.append(f"- NFE {k}: incomplete")
+        measured = sum((r, k) in by for r in rows)
+        if measured < len(rows) or not ours or not peers:
+            lines.append(f"- NFE {k}: incomplete ({measured} of {len(rows)} rows measured): not evaluated")
             continue
         (a, ra), (b, rb) = min(ours), min(peers)
         verdict = "holds" if a < b else f"does NOT hold: {a - b:+.3f} ({a / b:.2f}x)"
@@ -636,6 +640,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-guided", type=int, default=200, help="images per guided stress-test cell in part c")
     p.add_argument("--nfes", default="5,6,8,10,15,20", help="NFEs of the FD-vs-NFE table in part c")
     p.add_argument("--fd-n", type=int, default=4000, help="images per cell in part fd (same N for every cell)")
+    p.add_argument("--fd-nfes", default=",".join(map(str, FD_RUN_ORDER)),
+                   help="NFE columns of part fd, in run order (cells already in fd_cells.jsonl are skipped)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
@@ -684,7 +690,8 @@ def main(argv=None) -> int:
                 path.write_text(json.dumps(results, indent=2) + "\n")
                 write_markdown(results, OUT / "results.md")
 
-            save_fd(bench_fd_peers(args.fd_n, save=save_fd))
+            order = tuple(int(v) for v in args.fd_nfes.split(","))
+            save_fd(bench_fd_peers(args.fd_n, order, save=save_fd))
     path.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, OUT / "results.md")
     print(f"wrote {path} and {OUT / 'results.md'}")
