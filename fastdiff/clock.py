@@ -34,6 +34,8 @@ class StepClock(ModelHook):
         super().__init__()
         self.scheduler_of = scheduler_of
         self.listeners: list[Callable[[], None]] = []
+        self.attachments: dict[str, Any] = {}  # kind -> Attachment, kept by fastdiff.compose
+        self.registered: list[tuple[Any, str]] = []  # (module, hook name) that fastdiff.compose registered
         self._pin: tuple[int, Hashable] | None = None
         self.forget()
 

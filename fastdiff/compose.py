@@ -15,7 +15,6 @@ the outermost hook of the UNet and the one source of "which step is this".
 from __future__ import annotations
 
 import importlib
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +112,7 @@ def _scheduler_of(pipe_or_unet: Any, unet: torch.nn.Module, scheduler: Any):
 def attachments(pipe_or_unet: Any) -> dict[str, Attachment]:
     """The accelerators applied to a pipeline's UNet, by kind (empty when none)."""
     clock = step_clock(_unet(pipe_or_unet))
-    return dict(getattr(clock, "attachments", {})) if clock is not None else {}
+    return dict(clock.attachments) if clock is not None else {}
 
 
 def check_pairs(configs: dict[str, Any] | list[Any]) -> None:
@@ -189,7 +188,7 @@ def apply(pipe_or_unet: Any, *configs: Any, scheduler: Any = None, group: Any = 
     """
     unet = _unet(pipe_or_unet)
     clock = step_clock(unet)
-    current = dict(getattr(clock, "attachments", {})) if clock is not None else {}
+    current = dict(clock.attachments) if clock is not None else {}
     wanted: dict[str, Any] = {}
     for config in configs:
         kind = _kind(config)
@@ -213,8 +212,6 @@ def apply(pipe_or_unet: Any, *configs: Any, scheduler: Any = None, group: Any = 
         for attachment in made.values():
             attachment.close()
         raise
-    if clock is None:
-        new_clock.attachments = {}
     new_clock.attachments.update(made)
     _restack(unet, new_clock)
     return Stack(pipe_or_unet, list(made))
@@ -265,7 +262,7 @@ def _restack(unet: torch.nn.Module, clock: StepClock) -> None:
     specs.sort(key=lambda s: ROLES.index(s.role))
     if specs:
         specs.append(HookSpec("clock", unet, clock))
-    modules = {id(m): m for m, _ in getattr(clock, "registered", [])}
+    modules = {id(m): m for m, _ in clock.registered}
     modules.update({id(spec.module): spec.module for spec in specs})
     foreign = {key: _strip(module) for key, module in modules.items()}
     clock.registered = []
@@ -282,9 +279,3 @@ def _restack(unet: torch.nn.Module, clock: StepClock) -> None:
             modules[key]._diffusers_hook.register_hook(hook, name)
     HookRegistry.check_if_exists_or_initialize(unet).invalidate_child_registries_cache()
     clock.forget()
-
-
-def current_chunk(pipe_or_unet: Any) -> Hashable:
-    """The row chunk of the running UNet call (0 unless a loop pinned one)."""
-    clock = step_clock(_unet(pipe_or_unet))
-    return clock.chunk if clock is not None else 0
