@@ -210,6 +210,19 @@ def test_generated_images_equal_direct_diffusers_calls(pipe, tmp_path):
     np.testing.assert_array_equal(_pixels(tmp_path / "a"), expected)
 
 
+def test_sample_images_in_memory_equal_the_written_pngs(pipe, tmp_path):
+    """Benchmarks score `sample_images` tensors: the same seeds, labels and batches as the PNGs."""
+    method = MethodSpec(name="dpm", scheduler="DPMSolverMultistepScheduler", steps=4, guidance=3.0)
+    G.generate_images(pipe, method, tmp_path / "a", n=5, base_seed=7, batch_size=2, progress=False)
+    samples = G.sample_images(pipe, method, n=5, base_seed=7, batch_size=2)
+    assert samples.images.shape == (5, 1, 32, 32) and samples.unet_calls == 3 * 4 and samples.unet_rows == 5 * 4 * 2
+    pixels = (samples.images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()[:, 0].astype(int)
+    np.testing.assert_array_equal(pixels, _pixels(tmp_path / "a"))
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    with pytest.raises(ValueError, match="n and batch_size"):
+        G.sample_images(pipe, method, n=0)
+
+
 def test_explicit_timesteps_and_schedule_file(pipe, tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 

@@ -25,6 +25,8 @@ _EXPORTS = {
     "method_from_dict": "fastdiff.eval.methods",
     "generate_images": "fastdiff.eval.generate",
     "GenerationResult": "fastdiff.eval.generate",
+    "sample_images": "fastdiff.eval.generate",
+    "Samples": "fastdiff.eval.generate",
     "run_sweep": "fastdiff.eval.sweep",
     "write_results": "fastdiff.eval.report",
     "load_sweep": "fastdiff.eval.sweep",

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ from fastdiff.eval.methods import MethodSpec
 __all__ = [
     "GenerationResult",
     "generate_images",
+    "sample_images",
+    "Samples",
     "sharded_features",
     "load_pipeline",
     "index_chunks",
@@ -250,6 +253,17 @@ def _peak_memory(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
+def _sample_chunk(sample: Callable[..., Any], chunk: list[int], base_seed: int, cond, pipe_kwargs: dict,
+                  output_type: str):
+    """One batch: image i gets its own CPU generator seeded `base_seed + i` and the conditioning of index i."""
+    generators = [torch.Generator("cpu").manual_seed(base_seed + i) for i in chunk]
+    out = sample(**cond(chunk), generator=generators, output_type=output_type, **pipe_kwargs)
+    images = out.images if hasattr(out, "images") else out[0]
+    if len(images) != len(chunk):
+        raise RuntimeError(f"the pipeline returned {len(images)} images for {len(chunk)} seeds.")
+    return images
+
+
 def _sample_chunks(pipe, method: MethodSpec, folder: Path, pending, base_seed: int, cond, pipe_kwargs: dict,
                    writer: bool, bar) -> dict:
     """Sample every pending chunk with `method` applied; write the missing files. Returns this rank's counts."""
@@ -259,11 +273,7 @@ def _sample_chunks(pipe, method: MethodSpec, folder: Path, pending, base_seed: i
         counter = _CallCounter(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None))
         try:
             for chunk, todo in pending:
-                generators = [torch.Generator("cpu").manual_seed(base_seed + i) for i in chunk]
-                out = sample(**cond(chunk), generator=generators, output_type="pil", **pipe_kwargs)
-                images = _to_pil(out.images if hasattr(out, "images") else out[0])
-                if len(images) != len(chunk):
-                    raise RuntimeError(f"the pipeline returned {len(images)} images for {len(chunk)} seeds.")
+                images = _to_pil(_sample_chunk(sample, chunk, base_seed, cond, pipe_kwargs, "pil"))
                 if writer:
                     for i in todo:
                         _write_png_atomic(images[chunk.index(i)], image_path(folder, i))
@@ -361,6 +371,47 @@ def generate_images(
         os.replace(tmp, folder / RECORD)
     barrier()
     return result
+
+
+@dataclass
+class Samples:
+    """What `sample_images` returns: the images in index order and how long the sampling took."""
+
+    images: torch.Tensor  # (n, C, H, W) in [0, 1], float32, on CPU
+    wall_s: float
+    unet_calls: int  # denoiser forward calls, all batches
+    unet_rows: int  # batch rows through the denoiser, all batches
+
+
+def sample_images(
+    pipe,
+    method: MethodSpec,
+    n: int,
+    base_seed: int = 0,
+    batch_size: int = 16,
+    prompts: Sequence[str] | None = None,
+    pipe_kwargs: dict | None = None,
+) -> Samples:
+    """Images 0..n-1 of `method` in memory: the seeds, conditioning and batches of `generate_images`.
+
+    For benchmarks that score tensors instead of PNG files: image i equals the PNG `generate_images` writes
+    for it with the same arguments, before the 8-bit rounding. One process; no files.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}.")
+    cond = conditioning(pipe, prompts)
+    out: list[torch.Tensor] = []
+    with method.apply(pipe) as sample:
+        counter = _CallCounter(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None))
+        start = time.perf_counter()
+        try:
+            for chunk in index_chunks(n, batch_size):
+                images = _sample_chunk(sample, chunk, base_seed, cond, pipe_kwargs or {}, "pt")
+                out.append(torch.as_tensor(images).detach().float().cpu())
+        finally:
+            counter.remove()
+        wall = time.perf_counter() - start
+    return Samples(torch.cat(out), wall, counter.calls, counter.rows)
 
 
 def sharded_features(folder: str | Path, n: int, extractor, batch_size: int = 64) -> np.ndarray:
