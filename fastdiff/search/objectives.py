@@ -17,14 +17,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fastdiff.eval.metrics import (
-    FeatureStats,
-    check_compatible,
-    compute_stats,
-    frechet_distance,
-    kernel_distance,
-    load_stats,
-)
+from fastdiff.eval import metrics
+from fastdiff.eval.metrics import FeatureStats
 from fastdiff.search.evolutionary import Candidate, make_candidate
 
 Metric = Literal["fd", "kid"]
@@ -36,7 +30,7 @@ def _as_candidate(c: Candidate | Sequence[int]) -> Candidate:
 
 def _moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Mean and unbiased covariance of samples (N, ...) flattened to (N, d), in float64."""
-    stats = compute_stats(x.reshape(len(x), -1).to(torch.float64).cpu().numpy(), keep_features=False)
+    stats = metrics.compute_stats(x.reshape(len(x), -1).to(torch.float64).cpu().numpy(), keep_features=False)
     return stats.mu, stats.sigma
 
 
@@ -121,7 +115,7 @@ class ExactObjective:
         return x
 
     def score(self, samples: torch.Tensor) -> float:
-        return frechet_distance(*_moments(samples), *self.target)
+        return metrics.frechet_distance(*_moments(samples), *self.target)
 
     def __call__(self, candidate: Candidate | Sequence[int]) -> float:
         c = _as_candidate(candidate)
@@ -169,7 +163,7 @@ class PipelineObjective:
         if num_samples < 1 or batch_size < 1:
             raise ValueError("num_samples and batch_size must be >= 1 (and num_samples >= 2 to score).")
         if callable(getattr(features, "meta", None)):
-            check_compatible(features.meta(), reference.meta)
+            metrics.check_compatible(features.meta(), reference.meta)
         per_image = dict(per_image_kwargs or {})
         for key, values in per_image.items():
             if len(values) < num_samples:
@@ -203,8 +197,8 @@ class PipelineObjective:
                              f"{self.reference.mu.shape[0]}: the stats were made with "
                              f"{self.reference.meta['extractor']!r}.")
         if self.metric == "kid":
-            return kernel_distance(feats.numpy(), self.reference.features)[0]
-        return frechet_distance(*_moments(feats), self.reference.mu, self.reference.sigma)
+            return metrics.kernel_distance(feats.numpy(), self.reference.features)[0]
+        return metrics.frechet_distance(*_moments(feats), self.reference.mu, self.reference.sigma)
 
     def __call__(self, candidate: Candidate | Sequence[int]) -> float:
         return self.score_images(self.generate(candidate))
@@ -242,10 +236,10 @@ def digit_reference(device: str | torch.device = "cpu", reference_stats: str | N
 
     clf = load_digit_classifier(device=str(device))
     if reference_stats is not None:
-        return clf.features, load_stats(reference_stats)
+        return clf.features, metrics.load_stats(reference_stats)
     from fastdiff.models.data import load_digits
 
     images, _ = load_digits("train")
     with torch.no_grad():
-        reference = compute_stats(clf.features(images[:4000].to(device)).cpu(), {"extractor": "lenet"})
+        reference = metrics.compute_stats(clf.features(images[:4000].to(device)).cpu(), {"extractor": "lenet"})
     return clf.features, reference
