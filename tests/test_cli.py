@@ -40,3 +40,18 @@ def test_help_of_a_command_loads_only_its_own_module(command):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = eval(out.strip().splitlines()[-1])
     assert loaded == [commands.command_module(command).__name__]
+
+
+@pytest.mark.parametrize("flag", ["--num-images", "-n"])
+def test_image_count_flag_passes_through_the_launchers(flag):
+    """`torchrun ... -m fastdiff.cli sample --num-images 4`: torchrun's own parser leaves the flag to fastdiff
+    (`--n` was refused by torchrun as an abbreviation of `--nnodes` / `--nproc-per-node`)."""
+    from torch.distributed.run import get_args_parser
+
+    launcher = get_args_parser().parse_args(
+        ["--standalone", "--nproc_per_node", "2", "-m", "fastdiff.cli", "sample", flag, "4", "--out", "x"])
+    assert launcher.training_script == "fastdiff.cli"
+    args = commands.parse_args(launcher.training_script_args)
+    assert args.command_name == "sample" and args.n == 4
+    for command in (["eval", "sweep", "s.toml"], ["demo"]):
+        assert commands.parse_args([*command, flag, "8"]).n == 8

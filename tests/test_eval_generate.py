@@ -337,7 +337,7 @@ def test_sample_cli_writes_seeded_images(tmp_path, capsys):
     """`fastdiff sample` on the shipped reference model equals the pipeline called directly."""
     from fastdiff.cli import main
     from fastdiff.models import load_reference_pipeline  # the shipped weights: missing ones fail here
-    args = ["sample", "--n", "3", "--steps", "2", "--seed", "5", "--batch-size", "3", "--out", str(tmp_path / "s")]
+    args = ["sample", "-n", "3", "--steps", "2", "--seed", "5", "--batch-size", "3", "--out", str(tmp_path / "s")]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["written"] == 3
     from diffusers import DDIMScheduler

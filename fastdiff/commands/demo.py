@@ -1,7 +1,7 @@
 """`fastdiff demo` (what `make demo` runs): the reference quality-vs-speed sweep at a small N.
 
 It runs eval/sweeps/reference.toml (DDPM-1000, DDIM-{100,50,20,10}, DPMSolverMultistep-{20,10,5} on the
-shipped digit model) on `--n` images per method, scores them with the digit classifier's features
+shipped digit model) on `--num-images` images per method, scores them with the digit classifier's features
 against the held-out digits, prints the table and says where it wrote results.jsonl, results.md and
 pareto.png. The default N keeps it within about 10 minutes on 2 CPU cores; FD at small N is biased
 upwards (it shrinks like 1/N), so compare rows with each other, not with the full-size run.
@@ -25,7 +25,8 @@ def _sweep_file() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=DEMO_N, help=f"images per method (default {DEMO_N})")
+    parser.add_argument("-n", "--num-images", dest="n", type=int, default=DEMO_N,
+                        help=f"images per method (default {DEMO_N})")
     parser.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="sweep TOML (e.g. eval/sweeps/reference.toml)")
     parser.add_argument("--out", default=None, help="output folder (default runs/sweeps/<title>)")
-    parser.add_argument("--n", type=int, default=None, help="override eval.n")
+    parser.add_argument("-n", "--num-images", dest="n", type=int, default=None, help="override eval.n")
 
 
 def run(args: argparse.Namespace) -> int:

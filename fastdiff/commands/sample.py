@@ -63,7 +63,7 @@ def method_from_args(args: argparse.Namespace) -> MethodSpec:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="reference", help="`reference` or a diffusers model id / folder")
     parser.add_argument("--prompts", default=None, help="text file, one prompt per line (text-to-image models)")
-    parser.add_argument("--n", type=int, default=16, help="number of images")
+    parser.add_argument("-n", "--num-images", dest="n", type=int, default=16, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", required=True, help="output folder ({index:06d}.png)")
