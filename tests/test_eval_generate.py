@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -284,6 +285,33 @@ def test_method_errors(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="parallel decoding"):
         MethodSpec(name="x", steps=10, encoder_propagation={"key_steps": 2, "parallel": True},
                    block_skip={"skips": [[1, 0]]})
+
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps": True}, "steps must be a positive int, got True"),
+    ({"steps": 0}, "steps must be a positive int, got 0"),
+    ({"steps": 4, "guidance": "high"}, "guidance must be a number >= 0, got 'high'"),
+    ({"steps": 4, "eta": -0.5}, "eta must be a number >= 0"),
+    ({"steps": 4, "scheduler": "DDPMScheduler", "eta": 0.5}, "DDPMScheduler.step takes no eta"),
+    ({"steps": 4, "scheduler": "DPMSolverMultistepScheduler", "scheduler_kwargs": {"solver_ordr": 2}},
+     "no option 'solver_ordr'; did you mean 'solver_order'"),
+    ({"steps": 4, "scheduler": "DPMSolverPlusPlusScheduler", "scheduler_kwargs": {"use_karas_sigmas": True}},
+     "did you mean 'use_karras_sigmas'"),
+])
+def test_method_values_checked_when_read(options, message):
+    """Values that diffusers would silently ignore or misread (a typo in scheduler_kwargs is dropped by
+    `from_config`; `steps = true` is 1 step; DDPM ignores eta) are refused when the method is read."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        method_from_dict({"name": "x", **options})
+
+
+def test_sample_cli_steps_zero_is_refused(tmp_path, capsys):
+    from fastdiff.cli import main
+
+    assert main(["sample", "-n", "1", "--steps", "0", "--out", str(tmp_path / "s")]) == 2
+    assert "steps must be a positive int, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_n_and_batch_errors(pipe, tmp_path):

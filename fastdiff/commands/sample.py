@@ -43,9 +43,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 def method_from_args(args: argparse.Namespace) -> MethodSpec:
     """The `MethodSpec` of the method flags (20 steps when no steps, timesteps or schedule is given)."""
-    steps = args.steps if args.timesteps is None and args.schedule is None and args.steps else None
+    steps = args.steps
     if args.timesteps is None and args.schedule is None and steps is None:
-        steps = 20
+        steps = 20  # `--steps 0` reaches MethodSpec, which refuses it
     name = args.name or f"{args.scheduler.removesuffix('Scheduler')}-{steps or 'custom'}"
     return MethodSpec(
         name=name,

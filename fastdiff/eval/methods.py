@@ -85,6 +85,29 @@ def _load_schedule_timesteps(path: Path) -> list[int]:
     return [int(t) for t in loaded]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_scheduler_kwargs(method: str, cls: type, kwargs: Any) -> None:
+    """`from_config` silently drops keys the scheduler does not take: refuse them, naming the close match."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"method {method!r}: scheduler_kwargs must be a table of keyword arguments.")
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [name for name in params if name != "self"]
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes: {', '.join(known)}."
+            raise ValueError(f"method {method!r}: {cls.__name__} has no option {key!r}{hint}")
+
+
 @dataclass
 class MethodSpec:
     """One sampling method: scheduler, step count or explicit timesteps, guidance and accelerator options."""
@@ -108,7 +131,7 @@ class MethodSpec:
         given = [k for k in ("steps", "timesteps", "schedule") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"method {self.name!r}: give exactly one of steps, timesteps, schedule (got {given}).")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
             raise ValueError(f"method {self.name!r}: steps must be a positive int, got {self.steps!r}.")
         if self.timesteps is not None:
             ts = [int(t) for t in self.timesteps]
@@ -117,11 +140,14 @@ class MethodSpec:
             self.timesteps = ts
         if self.schedule is not None:
             _load_schedule_timesteps(Path(self.schedule))
-        if self.guidance is not None and self.guidance < 0:
-            raise ValueError(f"method {self.name!r}: guidance must be >= 0.")
-        if not isinstance(self.scheduler_kwargs, dict):
-            raise ValueError(f"method {self.name!r}: scheduler_kwargs must be a table of keyword arguments.")
+        for key in ("guidance", "eta"):
+            value = getattr(self, key)
+            if value is not None and (not _is_number(value) or value < 0):
+                raise ValueError(f"method {self.name!r}: {key} must be a number >= 0, got {value!r}.")
         cls = scheduler_class(self.scheduler)
+        _check_scheduler_kwargs(self.name, cls, self.scheduler_kwargs)
+        if self.eta is not None and "eta" not in inspect.signature(cls.step).parameters:
+            raise ValueError(f"method {self.name!r}: {self.scheduler}.step takes no eta; drop it or use DDIMScheduler.")
         if self.steps is None and "timesteps" not in inspect.signature(cls.set_timesteps).parameters:
             raise ValueError(
                 f"method {self.name!r}: {self.scheduler}.set_timesteps takes no custom timesteps; use steps, or a "
