@@ -55,3 +55,16 @@ def test_image_count_flag_passes_through_the_launchers(flag):
     assert args.command_name == "sample" and args.n == 4
     for command in (["eval", "sweep", "s.toml"], ["demo"]):
         assert commands.parse_args([*command, flag, "8"]).n == 8
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "-n", "1", "--device", "cuda", "--out", "{tmp}/s"],
+    ["search", "--steps", "4", "--device", "cuda", "--out", "{tmp}/s.json"],
+])
+def test_cuda_device_without_cuda_is_one_line(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the same on a GPU machine
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available on this machine; use cpu" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -51,6 +51,9 @@ BAD_SWEEPS = [
     ('[evaluation]\nn = 4\n[[methods]]\nname = "a"\nsteps = 5\n', "unknown top-level"),
     ('[model]\nname = "some/model"\n[[methods]]\nname = "a"\nsteps = 5\n', "heldout"),
     ("title = 'x'\n", "at least one"),
+    ('[model]\ndevice = "cuda:7"\n[[methods]]\nname = "a"\nsteps = 5\n', "CUDA is not available|cuda:7"),
+    ('[[methods]]\nname = "a"\nsteps = true\n', "steps must be a positive int"),
+    ('[[methods]]\nname = "a"\nsteps = 5\nguidance = "high"\n', "guidance must be a number"),
 ]
 
 

@@ -55,6 +55,7 @@ def reference_pipeline(device: str):
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from fastdiff.eval.distributed import check_device
     from fastdiff.search.autodiffusion import SearchConfig, search_timesteps
 
     config = SearchConfig(seed=args.seed, population_size=args.population, num_parents=args.parents,
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
                           num_skips=args.skips, max_skip_fraction=args.max_skip_fraction,
                           stage2_evaluations=args.stage2_evaluations)
     features = reference = None
+    check_device(args.device)
     if args.objective == "exact":
         pipe = demo_mixture()
     else:  # the built-in model, scored with its digit features against 4000 training digits (or --reference-stats)

@@ -13,7 +13,8 @@ import os
 
 import torch
 
-__all__ = ["init_distributed", "is_distributed", "barrier", "broadcast", "gather_objects", "local_device"]
+__all__ = ["init_distributed", "is_distributed", "barrier", "broadcast", "gather_objects", "local_device",
+           "check_device"]
 
 
 def init_distributed() -> tuple[int, int]:
@@ -78,10 +79,22 @@ def broadcast(obj):
     return box[0]
 
 
+def check_device(device: str) -> None:
+    """Refuse a CUDA device on a machine without CUDA, before any work."""
+    if not isinstance(device, str) or not device.startswith(("cuda", "cpu")):
+        raise ValueError(f"device {device!r}: use cpu, cuda or cuda:<index>.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine; use cpu.")
+    index = device.partition(":")[2]
+    if device.startswith("cuda") and index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+
+
 def local_device(device: str | None = None) -> str:
     """`device` for this rank: "cuda" becomes cuda:<rank mod GPUs>; None means cuda when available, else cpu."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     if device == "cuda":
         rank, _ = init_distributed()
         return f"cuda:{rank % torch.cuda.device_count()}"

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fastdiff.eval.distributed import barrier, broadcast, init_distributed, local_device
+from fastdiff.eval.distributed import barrier, broadcast, check_device, init_distributed, local_device
 from fastdiff.eval.features import EXTRACTORS, FeatureExtractor, folder_features, get_extractor, load_images
 from fastdiff.eval.generate import generate_images, image_path, load_pipeline, read_prompts, sharded_features
 from fastdiff.eval.methods import MethodSpec, method_from_dict
@@ -143,6 +143,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     name = model.get("name", "reference")
     if name != "reference" and (path.parent / name).is_dir():
         name = rel(name)
+    check_device(model.get("device", "cpu"))
     return SweepConfig(
         methods=methods,
         model=name,
