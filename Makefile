@@ -19,7 +19,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check fastdiff tests pipelines eval
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 demo: $(STAMP)
 	$(VENV)/bin/fastdiff demo

@@ -118,6 +118,7 @@ QUALITY_KEYS = ("fd_pixels", "kid_pixels", "kid_pixels_std", "n_pixels", "nfe", 
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("eval_generate_workdir")  # one worker builds the shared workdir
 def test_one_vs_two_gloo_processes_identical(workdir):
     cmd = [
         sys.executable,
@@ -145,6 +146,7 @@ def test_one_vs_two_gloo_processes_identical(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("eval_generate_workdir")  # one worker builds the shared workdir
 def test_kill_midway_then_rerun_equals_uninterrupted(workdir):
     out = workdir / "killed"
     cmd = [sys.executable, str(workdir / "worker.py"), str(out), "0.15", str(workdir / "ref")]

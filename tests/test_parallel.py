@@ -25,6 +25,9 @@ _spec = importlib.util.spec_from_file_location("parallel_worker", HERE / "parall
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
+# one xdist worker runs this whole module: its autouse fixture starts one background gloo job for all tests
+pytestmark = pytest.mark.xdist_group("test_parallel")
+
 WORLDS = (2, 4)
 SIM_CONFIGS = {2: ("async", "async_stale_gn", "partial"), 4: ("async", "partial")}
 
