@@ -209,6 +209,7 @@ def test_generated_images_equal_direct_diffusers_calls(pipe, tmp_path):
     counts = (result.computed, result.written, result.nfe, result.unet_calls, result.unet_rows_per_image)
     assert counts == (3, 3, 4, 4, 8)  # with CFG the UNet sees 2 rows per image and step
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # restored
+    assert json.loads((tmp_path / "a" / "generation.json").read_text())["n"] == 3  # `eval fid` checks it
     expected = _direct(pipe, DPMSolverMultistepScheduler, [10, 11, 12], num_inference_steps=4, guidance_scale=3.0)
     np.testing.assert_array_equal(_pixels(tmp_path / "a"), expected)
 

@@ -160,6 +160,30 @@ def test_cli_fid_errors(tmp_path, capsys):
     assert main(["eval", "fid", str(one), "--ref", str(stats)]) == 2
     assert "N = 2" in capsys.readouterr().err
 
+    for name, payload in (("corrupt", b"\x89PNG\r\n\x1a\n truncated"), ("text", b"not an image")):
+        bad = _write_pngs(tmp_path / name, 3, seed=6, size=16)
+        (bad / "000001.png").write_bytes(payload)
+        for argv in (["fid", str(bad), "--ref", str(stats)], ["ref", str(bad), "--out", str(tmp_path / "x.npz")]):
+            assert main(["eval", *argv]) == 2
+            err = capsys.readouterr().err
+            assert "000001.png is not a readable image" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_cli_fid_warns_on_an_interrupted_folder(tmp_path, capsys):
+    """A folder whose generation.json asked for more images than it holds is scored with a warning."""
+    folder = _write_pngs(tmp_path / "gen", 6, seed=7, size=16)
+    stats = tmp_path / "s.npz"
+    assert main(["eval", "ref", str(folder), "--extractor", "pixels", "--out", str(stats)]) == 0
+    (folder / "generation.json").write_text(json.dumps({"method": {"name": "m"}, "n": 8}))
+    capsys.readouterr()
+    assert main(["eval", "fid", str(folder), "--ref", str(stats), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["n"] == 6 and "holds 6 images but its generation.json asked for 8" in out.err
+    (folder / "generation.json").write_text(json.dumps({"method": {"name": "m"}, "n": 6}))
+    assert main(["eval", "fid", str(folder), "--ref", str(stats), "--json"]) == 0
+    assert capsys.readouterr().err == ""
+
 
 def test_pareto_front():
     points = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (0.5, 9.0), (4.0, 1.0)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from fastdiff.eval.features import EXTRACTORS
 
@@ -19,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastdiff.eval.features import folder_features, get_extractor
+    from fastdiff.eval.generate import asked_images
     from fastdiff.eval.metrics import load_stats
     from fastdiff.eval.sweep import folder_meta, reference_stats, score
 
@@ -28,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     ex = get_extractor(name)
     ref = reference_stats(args.ref, ex)
     feats, size = folder_features(args.folder, ex)
+    asked = asked_images(args.folder)
+    if asked is not None and len(feats) < asked:
+        print(f"warning: {args.folder} holds {len(feats)} images but its generation.json asked for {asked} "
+              "(an interrupted run?); scoring the ones there. Re-run the same command to finish it.", file=sys.stderr)
     result = score(feats, ref, folder_meta(ex, size, args.folder), args.kid_subsets, args.kid_subset_size)
     result.update(n=len(feats), n_ref=ref.n, extractor=ex.name, build=ex.build)
     if args.json:

@@ -190,9 +190,12 @@ def load_images(files: Sequence[str | Path]) -> torch.Tensor:
 
     arrays = []
     for f in files:
-        with PIL.Image.open(f) as im:
-            im = im if im.mode in ("L", "RGB") else im.convert("RGB")
-            arrays.append(np.asarray(im))
+        try:
+            with PIL.Image.open(f) as im:
+                im = im if im.mode in ("L", "RGB") else im.convert("RGB")
+                arrays.append(np.asarray(im))
+        except (OSError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"{f} is not a readable image ({err.__class__.__name__}): delete or replace it.") from None
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
         raise ValueError(

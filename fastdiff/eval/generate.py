@@ -45,6 +45,7 @@ __all__ = [
     "index_chunks",
     "image_path",
     "is_valid_image",
+    "asked_images",
     "hardware_description",
 ]
 
@@ -215,7 +216,7 @@ def _identity(method: MethodSpec, base_seed: int, batch_size: int, prompts, mode
     }
 
 
-def _open_folder(folder: Path, identity: dict) -> dict | None:
+def _open_folder(folder: Path, identity: dict, n: int) -> dict | None:
     """Check that `folder` holds images of this identity (or none); rank 0 writes the record and clears stale
     temporary files. Returns the earlier record, or None for a new folder."""
     rank, _ = init_distributed()
@@ -232,10 +233,26 @@ def _open_folder(folder: Path, identity: dict) -> dict | None:
     if rank == 0:
         for stale in folder.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-        if record is None:
-            record_path.write_text(json.dumps(identity, indent=2) + "\n")
+        # `n` is what this run asks for: `fastdiff eval fid` warns when fewer images are there (interrupted run)
+        _write_record(folder, {**(record or identity), "n": n})
     barrier()
     return record
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    tmp = (folder / RECORD).with_name(RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, folder / RECORD)
+
+
+def asked_images(folder: str | Path) -> int | None:
+    """How many images the last `generate_images` run into `folder` asked for (None: no record)."""
+    path = Path(folder) / RECORD
+    try:
+        n = json.loads(path.read_text()).get("n") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) else None
 
 
 def _pending_chunks(folder: Path, n: int, batch_size: int, split: bool) -> list[tuple[list[int], list[int]]]:
@@ -335,7 +352,7 @@ def generate_images(
     rank, _ = init_distributed()
     folder = Path(folder)
     identity = _identity(method, base_seed, batch_size, prompts, model_fingerprint(pipe))
-    record = _open_folder(folder, identity)
+    record = _open_folder(folder, identity, n)
     split = method.patch_parallel is None
     pending = _pending_chunks(folder, n, batch_size, split)
     device = pipe.device
@@ -366,9 +383,7 @@ def generate_images(
     )
     barrier()
     if rank == 0:
-        tmp = (folder / RECORD).with_name(RECORD + ".tmp")
-        tmp.write_text(json.dumps({**identity, "timing": timing}, indent=2) + "\n")
-        os.replace(tmp, folder / RECORD)
+        _write_record(folder, {**identity, "n": n, "timing": timing})
     barrier()
     return result
 
