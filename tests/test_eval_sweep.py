@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from fastdiff.cli import main
 from fastdiff.eval import compute_stats, run_sweep
 from fastdiff.eval.features import folder_features
-from fastdiff.eval.methods import MethodSpec
+from fastdiff.eval.methods import MethodSpec, method_from_dict
 from fastdiff.eval.report import pareto_front
 from fastdiff.eval.sweep import SweepConfig, load_sweep
 
@@ -83,6 +84,40 @@ def pipe():
     p = ReferencePipeline(unet=build_reference_unet(0).eval(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
     p.set_progress_bar_config(disable=True)
     return p
+
+
+@pytest.mark.parametrize("method, message", [
+    ({"scheduler": "DPMSolverMultistepScheduler", "timesteps": [1500, 500]}, "timesteps must lie in [0, 999]"),
+    ({"scheduler": "DPMSolverPlusPlusScheduler", "steps": 4, "scheduler_kwargs": {"solver_order": 5}},
+     "solver_order must be 1, 2 or 3"),
+    ({"steps": 4, "encoder_propagation": {"key_steps": [0, 7]}}, "key steps [7] are out of range for 4 steps"),
+    ({"steps": 4, "block_skip": {"skips": [[1, 99]]}}, "layer ids [99] are out of range"),
+])
+def test_model_dependent_errors_come_before_reference_stats(pipe, tmp_path, method, message):
+    """Rows are checked against the model before reference statistics or images; the failed run leaves the
+    output folder usable: the fixed sweep then runs into it."""
+    ref = _write_pngs(tmp_path / "ref", 4, seed=0)
+    good = MethodSpec(name="DDIM-2", steps=2)
+    bad = SweepConfig(methods=[good, method_from_dict({"name": "bad", **method})], n=2, batch_size=2,
+                      extractors=["pixels"], reference=str(ref), kid_subsets=2)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_sweep(bad, tmp_path / "out", pipe=pipe, progress=False)
+    assert not (tmp_path / "out").exists()
+    fixed = SweepConfig(methods=[MethodSpec(name="bad", steps=2)], n=2, batch_size=2, extractors=["pixels"],
+                        reference=str(ref), kid_subsets=2)
+    assert run_sweep(fixed, tmp_path / "out", pipe=pipe, progress=False)[0]["n"] == 2
+
+
+def test_a_run_that_failed_before_any_image_does_not_poison_its_folder(pipe, tmp_path):
+    from fastdiff.eval.generate import generate_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "generation.json").write_text(json.dumps({"method": {"name": "old"}, "n": 4}))  # a failed run's
+    generate_images(pipe, MethodSpec(name="new", steps=2), folder, n=2, batch_size=2, progress=False)
+    assert json.loads((folder / "generation.json").read_text())["method"]["name"] == "new"
+    with pytest.raises(ValueError, match="another method"):  # with images there, the record protects them
+        generate_images(pipe, MethodSpec(name="other", steps=2), folder, n=2, batch_size=2, progress=False)
 
 
 def test_sweep_outputs_and_scores_equal_cleanfid(pipe, tmp_path):

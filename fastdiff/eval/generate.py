@@ -223,6 +223,8 @@ def _open_folder(folder: Path, identity: dict, n: int) -> dict | None:
     folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is not None and not any(is_valid_image(p) for p in folder.glob("*.png")):
+        record = None  # a run that failed before its first image: nothing to protect
     if record is not None and {k: record.get(k) for k in identity} != identity:
         what = "another model (weights)" if record.get("model") != identity["model"] else "another method"
         raise ValueError(
@@ -349,6 +351,7 @@ def generate_images(
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}.")
+    method.check(pipe)  # before the folder is touched: a refused method leaves nothing behind
     rank, _ = init_distributed()
     folder = Path(folder)
     identity = _identity(method, base_seed, batch_size, prompts, model_fingerprint(pipe))

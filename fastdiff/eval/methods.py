@@ -108,6 +108,33 @@ def _check_scheduler_kwargs(method: str, cls: type, kwargs: Any) -> None:
             raise ValueError(f"method {method!r}: {cls.__name__} has no option {key!r}{hint}")
 
 
+def _dry_run(scheduler: Any) -> None:
+    """Every step of `scheduler` on a one-element latent and a zero model output: what diffusers schedulers
+    only refuse while sampling (a timestep past the training range, an unsupported solver order) fails here."""
+    import torch
+
+    sample = torch.zeros(1, 1, 1, 1) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    extra = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(sample, t)
+        sample = scheduler.step(torch.zeros_like(model_input), t, sample, return_dict=False, **extra)[0]
+    if not torch.isfinite(sample).all():
+        raise ValueError("its steps give non-finite values on a zero model output")
+
+
+def _check_step_indices(config: Any, num_steps: int) -> None:
+    """Encoder-propagation key steps and block-skip steps must lie in 0..num_steps-1."""
+    key_steps = getattr(config, "key_steps", None)
+    if key_steps is not None:
+        from fastdiff.hooks.encoder_propagation import key_step_indices
+
+        key_step_indices(key_steps, num_steps)
+    late = sorted({step for step, _ in getattr(config, "skips", ()) if step >= num_steps})
+    if late:
+        raise ValueError(f"skip steps {late} are out of range for {num_steps} steps (indices 0-{num_steps - 1}).")
+
+
 @dataclass
 class MethodSpec:
     """One sampling method: scheduler, step count or explicit timesteps, guidance and accelerator options."""
@@ -169,6 +196,38 @@ class MethodSpec:
                 "with `torchrun --nproc_per_node 2 -m fastdiff.cli -- eval sweep ...` (or drop patch_parallel)."
             )
 
+    def check(self, pipe) -> None:
+        """What depends on the model, checked without running it (before reference statistics or images):
+        the scheduler built from `pipe`'s config with `scheduler_kwargs` and given its steps or timesteps, the
+        accelerators' step indices against that step count, and their layers attached to `pipe` and removed."""
+        try:
+            scheduler = scheduler_class(self.scheduler).from_config(pipe.scheduler.config, **self.scheduler_kwargs)
+            timesteps = self.sampling_timesteps()
+            if timesteps is None:
+                scheduler.set_timesteps(self.steps)
+            else:
+                train_steps = scheduler.config.get("num_train_timesteps")
+                if train_steps is not None and max(timesteps) >= train_steps:
+                    raise ValueError(f"timesteps must lie in [0, {train_steps - 1}], got {max(timesteps)}")
+                scheduler.set_timesteps(timesteps=timesteps)
+            _dry_run(scheduler)
+        except (ValueError, NotImplementedError, TypeError, IndexError, KeyError, RuntimeError) as err:
+            raise ValueError(f"method {self.name!r}: {self.scheduler} on this model: {err}") from None
+        num_steps = len(scheduler.timesteps)
+        configs = [c for key, c in zip(self._attached(), self.accelerator_configs()) if key != "patch_parallel"]
+        try:
+            for config in configs:
+                _check_step_indices(config, num_steps)
+            if configs:
+                from fastdiff.compose import apply
+
+                apply(pipe, *configs).remove()  # layer ids and pairs against this model's UNet
+        except ValueError as err:
+            raise ValueError(f"method {self.name!r}: {err}") from None
+
+    def _attached(self) -> list[str]:
+        return [key for key in self.accelerators if key != "svdd"]
+
     # -- what the sampler needs ------------------------------------------------------------------
     def sampling_timesteps(self) -> list[int] | None:
         """Explicit timesteps (from `timesteps` or the schedule file), or None when `steps` is used."""
@@ -202,7 +261,7 @@ class MethodSpec:
 
     def accelerator_configs(self) -> list[Any]:
         """The configs that `fastdiff.apply` attaches (every accelerator but SVDD, which is a sampling loop)."""
-        return [self._accelerator_config(key) for key in self.accelerators if key != "svdd"]
+        return [self._accelerator_config(key) for key in self._attached()]
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) not in (None, {})}

@@ -299,6 +299,8 @@ def _sweep(config: SweepConfig, out_dir: str | Path, pipe=None, progress: bool =
     rank, _ = init_distributed()
     if pipe is None:
         pipe = load_pipeline(config.model, local_device(config.device))
+    for method in config.methods:
+        method.check(pipe)  # every row against this model before reference statistics or images
     prompts = read_prompts(config.prompts)
     extractors = {name: get_extractor(name) for name in config.extractors}
     refs = _reference_stats_all(config, extractors, out_dir / "ref")
