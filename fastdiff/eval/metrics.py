@@ -13,6 +13,7 @@ sidecars disagree on extractor, resize mode or image size is an error, never a s
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,10 +185,14 @@ def load_stats(path: str | Path) -> FeatureStats:
             f"{sidecar} is missing: statistics need their JSON sidecar (extractor, resize, image size);"
             " recreate them with `fastdiff eval ref`."
         )
-    meta = json.loads(sidecar.read_text())
-    with np.load(path) as data:
-        features = data["features"] if "features" in data.files else None
-        stats = FeatureStats(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]), features=features, meta=meta)
+    try:
+        meta = json.loads(sidecar.read_text())
+        with np.load(path) as data:
+            features = data["features"] if "features" in data.files else None
+            stats = FeatureStats(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]), features=features, meta=meta)
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} (or its sidecar) is not readable statistics ({err.__class__.__name__}); "
+                         "recreate them with `fastdiff eval ref`.") from None
     if stats.n != meta.get("n", stats.n):
         raise ValueError(f"{path}: n = {stats.n} but its sidecar says n = {meta['n']}; recreate the statistics.")
     return stats

@@ -177,7 +177,14 @@ def save_schedule(path: str | Path, timesteps: Sequence[int] | None, **meta: Any
 
 def load_schedule(path: str | Path) -> dict[str, Any]:
     """Read a schedule written by `save_schedule`; returns the dict with `timesteps` as a list of ints."""
-    record = json.loads(Path(path).read_text())
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: write it with save_schedule or `fastdiff search`.")
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not JSON ({err.__class__.__name__}: {err}); re-run the search that wrote it.") \
+            from None
     if not isinstance(record, dict) or record.get("format") != SCHEDULE_FORMAT:
         raise ValueError(f"{path} is not a fastdiff schedule (missing format={SCHEDULE_FORMAT!r}).")
     if record.get("version") != SCHEDULE_VERSION:

@@ -179,10 +179,15 @@ class SearchResult:
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
         record = load_schedule(path)
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
         if "fitness" not in record:
             raise ValueError(f"{path} is a schedule but not a search result (no 'fitness'); use load_schedule.")
-        return cls(**{k: v for k, v in record.items() if k in names})
+        required = [f.name for f in fields if f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in record]
+        if missing:
+            raise ValueError(f"{path} is an incomplete search result (no {', '.join(missing)}); re-run the search.")
+        return cls(**{f.name: record[f.name] for f in fields if f.name in record})
 
 
 # ------------------------------------------------------------------------------------------------ helpers
