@@ -68,3 +68,24 @@ def test_cuda_device_without_cuda_is_one_line(argv, tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert "CUDA is not available on this machine; use cpu" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "-n", "1", "--out", "{file}"],
+    ["sample", "-n", "1", "--out", "{file}/sub"],
+    ["eval", "sweep", "eval/sweeps/reference.toml", "--out", "{file}"],
+])
+def test_out_pointing_at_a_file_is_refused_before_any_work(argv, tmp_path, capsys):
+    import time
+    from pathlib import Path
+
+    file = tmp_path / "taken.txt"
+    file.write_text("keep me")
+    start = time.perf_counter()
+    argv = [a.format(file=file) for a in argv]
+    argv = [str(Path(__file__).parents[1] / a) if a.endswith(".toml") else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is a file; pass a folder path to --out" in err and err.count("\n") == 1
+    assert file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt"]
+    assert time.perf_counter() - start < 10

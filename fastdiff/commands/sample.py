@@ -73,9 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastdiff.eval.distributed import init_distributed, local_device
-    from fastdiff.eval.generate import generate_images, load_pipeline, read_prompts
+    from fastdiff.eval.generate import check_out_dir, generate_images, load_pipeline, read_prompts
 
     method = method_from_args(args)
+    check_out_dir(args.out)  # before the pipeline loads
     prompts = read_prompts(args.prompts)
     rank, _ = init_distributed()
     pipe = load_pipeline(args.model, local_device(args.device))

@@ -46,6 +46,7 @@ __all__ = [
     "image_path",
     "is_valid_image",
     "asked_images",
+    "check_out_dir",
     "hardware_description",
 ]
 
@@ -241,6 +242,17 @@ def _open_folder(folder: Path, identity: dict, n: int) -> dict | None:
     return record
 
 
+def check_out_dir(folder: str | Path) -> Path:
+    """`folder` can be an output folder: it, or its nearest existing parent, is a folder (not a file)."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"output folder {folder}: {path} is a file; pass a folder path to --out.")
+            break
+    return folder
+
+
 def _write_record(folder: Path, record: dict) -> None:
     tmp = (folder / RECORD).with_name(RECORD + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -351,6 +363,7 @@ def generate_images(
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}.")
+    check_out_dir(folder)
     method.check(pipe)  # before the folder is touched: a refused method leaves nothing behind
     rank, _ = init_distributed()
     folder = Path(folder)

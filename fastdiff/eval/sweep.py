@@ -38,7 +38,14 @@ import numpy as np
 
 from fastdiff.eval.distributed import barrier, broadcast, check_device, init_distributed, local_device
 from fastdiff.eval.features import EXTRACTORS, FeatureExtractor, folder_features, get_extractor, load_images
-from fastdiff.eval.generate import generate_images, image_path, load_pipeline, read_prompts, sharded_features
+from fastdiff.eval.generate import (
+    check_out_dir,
+    generate_images,
+    image_path,
+    load_pipeline,
+    read_prompts,
+    sharded_features,
+)
 from fastdiff.eval.methods import MethodSpec, method_from_dict
 from fastdiff.eval.metrics import (
     FeatureStats,
@@ -345,7 +352,7 @@ def run_sweep(
     config = sweep if isinstance(sweep, SweepConfig) else load_sweep(sweep)
     if n is not None:
         config = _with_n(config, n)
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
+    out_dir = check_out_dir(out_dir if out_dir is not None else default_out_dir(config))
     return _sweep(config, out_dir, pipe=pipe, progress=progress)
 
 
