@@ -309,6 +309,35 @@ def test_method_values_checked_when_read(options, message):
         method_from_dict({"name": "x", **options})
 
 
+@pytest.mark.parametrize("svdd, message", [
+    ({"reward": "ClassifierReward"}, "missing 1 required positional argument: 'target_class'"),
+    ({"reward": "ClassifierReward", "reward_args": {"target_class": 12}}, "target_class must be an int digit 0-9"),
+    ({"reward": "jpeg_compressibility", "reward_args": {"qualty": 50}}, "unexpected keyword argument 'qualty'"),
+    ({"reward": "validate_reward"}, "is not a reward; use jpeg_compressibility, ClassifierReward"),
+    ({"reward": "no_such_module:f"}, "cannot import 'no_such_module'"),
+    ({"reward": "ClassifierReward", "reward_args": 7}, "reward_args must be a table"),
+])
+def test_svdd_reward_errors_when_read(svdd, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        method_from_dict({"name": "x", "steps": 4, "svdd": svdd})
+
+
+def test_svdd_reward_args_and_import_path():
+    """`reward_args` construct a reward class or bind a reward function; "module:function" imports one."""
+    from fastdiff.guidance.rewards import ClassifierReward, jpeg_compressibility
+
+    def reward(svdd):
+        return method_from_dict({"name": "x", "steps": 4, "svdd": svdd})._accelerator_config("svdd")[0]
+
+    r = reward({"reward": "ClassifierReward", "reward_args": {"target_class": 7}})
+    assert isinstance(r, ClassifierReward) and r.target_class == 7
+    images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    bound = reward({"reward": "jpeg_compressibility", "reward_args": {"quality": 40}})
+    assert torch.equal(bound(images), jpeg_compressibility(images, quality=40))
+    assert not torch.equal(bound(images), jpeg_compressibility(images))
+    assert reward({"reward": "fastdiff.guidance.rewards:jpeg_compressibility"}) is jpeg_compressibility
+
+
 def test_sample_cli_steps_zero_is_refused(tmp_path, capsys):
     from fastdiff.cli import main
 

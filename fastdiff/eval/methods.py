@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib
 import inspect
 import json
@@ -123,6 +124,37 @@ def _dry_run(scheduler: Any) -> None:
         raise ValueError("its steps give non-finite values on a zero model output")
 
 
+def _reward(name: Any, args: Any, rewards: Any) -> Callable[..., Any]:
+    """SVDD's reward from a method table: a name in `fastdiff.guidance.rewards` or `"module:attribute"`, with
+    `reward_args` given to a reward class (e.g. `ClassifierReward`) or bound to a reward function."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"svdd needs reward = <one of fastdiff.guidance.rewards' or 'module:function'>, got {name!r}")
+    if not isinstance(args, dict):
+        raise ValueError(f"reward_args must be a table of keyword arguments, got {args!r}")
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError as err:
+            raise ValueError(f"reward {name!r}: cannot import {module_name!r} ({err}).") from None
+    else:
+        obj = getattr(rewards, name) if name in rewards.REWARDS else None
+    if not callable(obj):
+        raise ValueError(f"reward {name!r} is not a reward; use {', '.join(rewards.REWARDS)} or 'module:function'.")
+    try:
+        if isinstance(obj, type):
+            return obj(**args)  # e.g. ClassifierReward(target_class=7)
+        if args:
+            inspect.signature(obj).bind(None, **args)  # the images, then the options
+            return functools.partial(obj, **args)
+    except TypeError as err:
+        raise ValueError(f"reward {name!r} with reward_args {args}: {err}; see its signature "
+                         f"{name.rpartition(':')[2]}{inspect.signature(obj)}.") from None
+    except ValueError as err:
+        raise ValueError(f"reward {name!r}: {err}") from None
+    return obj
+
+
 def _check_step_indices(config: Any, num_steps: int) -> None:
     """Encoder-propagation key steps and block-skip steps must lie in 0..num_steps-1."""
     key_steps = getattr(config, "key_steps", None)
@@ -184,6 +216,8 @@ class MethodSpec:
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"method {self.name!r}: {key} must be a table of options.")
         configs = self.accelerator_configs()  # builds and validates every option now
+        if self.svdd is not None:
+            self._accelerator_config("svdd")  # the reward and its arguments too
         from fastdiff.compose import check_pairs
 
         try:
@@ -250,12 +284,8 @@ class MethodSpec:
         try:
             if key != "svdd":
                 return getattr(module, class_name)(**options)
-            reward = options.pop("reward", None)
-            if not isinstance(reward, str) or not callable(getattr(module.rewards, reward, None)):
-                raise ValueError(
-                    f"svdd needs reward = <name of a function in fastdiff.guidance.rewards>, got {reward!r}"
-                )
-            return getattr(module.rewards, reward), module.SVDDConfig(**options)
+            reward = _reward(options.pop("reward", None), options.pop("reward_args", {}), module.rewards)
+            return reward, module.SVDDConfig(**options)
         except TypeError as err:
             raise ValueError(f"method {self.name!r}: bad {key} options {options}: {err}.") from err
 

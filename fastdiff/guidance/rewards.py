@@ -10,7 +10,9 @@ import io
 
 import torch
 
-__all__ = ["jpeg_compressibility", "ClassifierReward", "validate_reward"]
+__all__ = ["jpeg_compressibility", "ClassifierReward", "validate_reward", "REWARDS"]
+
+REWARDS = ("jpeg_compressibility", "ClassifierReward")  # what a sweep's `svdd = { reward = ... }` may name
 
 
 def validate_reward(values, batch_size: int, name: str = "reward_fn") -> torch.Tensor:
