@@ -89,3 +89,17 @@ def test_out_pointing_at_a_file_is_refused_before_any_work(argv, tmp_path, capsy
     assert "is a file; pass a folder path to --out" in err and err.count("\n") == 1
     assert file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt"]
     assert time.perf_counter() - start < 10
+
+
+def test_train_reference_never_overwrites_the_shipped_weights_by_default(capsys):
+    from pathlib import Path
+
+    from fastdiff.models.weights import WEIGHTS_DIR
+
+    args = commands.parse_args(["train-reference"])
+    assert args.out == Path("runs/reference/weights") and not args.replace_shipped
+    assert commands.parse_args(["train-reference", "--replace-shipped"]).replace_shipped
+    before = {p.name: p.stat().st_mtime_ns for p in WEIGHTS_DIR.iterdir()}
+    assert cli.main(["train-reference", "--out", str(WEIGHTS_DIR)]) == 2
+    assert "--replace-shipped" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in WEIGHTS_DIR.iterdir()} == before

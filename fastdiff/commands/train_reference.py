@@ -20,12 +20,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", type=Path, default=None,
                    help="warm start: the weights of another run's checkpoint (used only when --checkpoint is new)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this many minutes")
-    p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where the shipped weights are written")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=Path("runs/reference/weights"),
+                       help="weights folder to write (default runs/reference/weights; load it with "
+                            "load_reference_pipeline(weights_dir=...))")
+    where.add_argument("--replace-shipped", action="store_true",
+                       help=f"write the package's own weights ({WEIGHTS_DIR}) instead")
     p.add_argument("--classifier-epochs", type=int, default=15)
 
 
 def run(args: argparse.Namespace) -> int:
     from fastdiff.models.train import train_reference
+
+    if args.replace_shipped:
+        args.out = WEIGHTS_DIR
+    elif args.out.resolve() == WEIGHTS_DIR.resolve():
+        raise ValueError(f"{args.out} holds the shipped weights: pass --replace-shipped to overwrite them.")
 
     record = train_reference(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              checkpoint=args.checkpoint, prediction_type=args.prediction_type,

@@ -213,7 +213,7 @@ def train_reference(
     prediction_type: str = SCHEDULER_CONFIG["prediction_type"],
     init_from: Path | None = None,
     max_minutes: float | None = None,
-    out_dir: Path = WEIGHTS_DIR,
+    out_dir: Path = Path("runs/reference/weights"),
     classifier_epochs: int = 15,
 ) -> dict | None:
     """Train (or resume) the reference UNet, then the digit classifier, and export the shipped weights.
