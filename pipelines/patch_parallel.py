@@ -1,7 +1,7 @@
 """Patch-parallel sampling (DistriFusion / PCPP): every rank computes one row band of each UNet activation.
 
 Run (CPU, gloo; on GPUs the same command uses NCCL and one GPU per rank):
-    torchrun --standalone --nproc_per_node 2 pipelines/patch_parallel.py --mode async --out pp.png
+    torchrun --standalone --nproc_per_node 2 pipelines/patch_parallel.py --mode async --out runs/pp.png
     torchrun --standalone --nproc_per_node 4 pipelines/patch_parallel.py --patch-ranks 2   # 2 images at once
     torchrun --standalone --nproc_per_node 2 pipelines/patch_parallel.py \
         --model stabilityai/stable-diffusion-xl-base-1.0 --prompt "a red cube" --height 1024 --width 1024 --steps 30
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--no-split-cfg", action="store_true",
                     help="put every rank on bands of the whole CFG batch instead of splitting the batch in halves")
     ap.add_argument("--patch-ranks", type=int, default=None, help="ranks per image (default: the whole world)")
-    ap.add_argument("--out", type=Path, default=Path("patch_parallel.png"))
+    ap.add_argument("--out", type=Path, default=Path("runs/patch_parallel.png"))
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -83,6 +83,7 @@ def main() -> None:
     disable_patch_parallel(pipe)
     if rank % size == 0:
         out = args.out if world == size else args.out.with_stem(f"{args.out.stem}_{index}")
+        out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out)
         setup = f"{size} ranks, {args.mode}/{args.conditioning}, split_cfg={config.split_cfg}"
         print(f"group {index} ({setup}): {seconds:.2f} s -> {out}")

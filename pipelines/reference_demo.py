@@ -1,6 +1,6 @@
 """Grid of every digit from the built-in reference model, DDPM-1000 beside DDIM-50.
 
-Run:  python pipelines/reference_demo.py [--per-class 4] [--guidance 1.0] [--out eval/results/reference_model/grid.png]
+Run:  python pipelines/reference_demo.py [--per-class 4] [--guidance 1.0] [--out runs/reference_grid.png]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=4)
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                     help=f"guidance scale (default {DEFAULT_GUIDANCE}, as shipped; DDIM-50 collapses from 2 on)")
-    ap.add_argument("--out", type=Path, default=Path("eval/results/reference_model/grid.png"))
+    ap.add_argument("--out", type=Path, default=Path("runs/reference_grid.png"))
     args = ap.parse_args()
     pipe = load_reference_pipeline()
     config = pipe.scheduler.config
