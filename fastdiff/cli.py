@@ -2,7 +2,8 @@
 
 The commands live in `fastdiff.commands` (one module each, argparse only there); only the module of the
 command being run is imported. This entry point turns bad input (a `ValueError` or `FileNotFoundError`
-from any command) into one line on stderr and exit status 2.
+from any command) into one line on stderr and exit status 2, and a failed multi-process run (a rank that
+stopped answering) into one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"fastdiff {args.command_name}: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if type(err).__name__ != "DistributedError":  # fastdiff.eval.distributed's, without importing torch here
+            raise
+        print(f"fastdiff {args.command_name}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ index), the ranks of a group hold the same image and only the group's first rank
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import time
 from pathlib import Path
@@ -52,10 +53,13 @@ def main() -> None:
                     help="put every rank on bands of the whole CFG batch instead of splitting the batch in halves")
     ap.add_argument("--patch-ranks", type=int, default=None, help="ranks per image (default: the whole world)")
     ap.add_argument("--out", type=Path, default=Path("runs/patch_parallel.png"))
+    ap.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="how long a rank waits for the others before every rank fails")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")  # the user's call: fastdiff never starts a group
+    # the user's call: fastdiff never starts a group; the timeout makes a stuck rank fail every rank
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.dist_timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:

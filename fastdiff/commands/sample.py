@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", required=True, help="output folder ({index:06d}.png)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others before every rank fails")
     add_method_arguments(parser)
 
 
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     method = method_from_args(args)
     check_out_dir(args.out)  # before the pipeline loads
     prompts = read_prompts(args.prompts)
-    rank, _ = init_distributed()
+    rank, _ = init_distributed(args.dist_timeout)
     pipe = load_pipeline(args.model, local_device(args.device))
     result = generate_images(pipe, method, args.out, args.n, args.seed, args.batch_size, prompts)
     if rank == 0:

@@ -9,26 +9,52 @@ gloo on CPU, NCCL on GPU.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+from datetime import timedelta
 
 import torch
 
-__all__ = ["init_distributed", "is_distributed", "barrier", "broadcast", "gather_objects", "local_device",
-           "check_device"]
+__all__ = [
+    "DistributedError",
+    "DEFAULT_TIMEOUT_S",
+    "init_distributed",
+    "is_distributed",
+    "barrier",
+    "broadcast",
+    "gather_objects",
+    "local_device",
+    "check_device",
+]
 
 
-def init_distributed() -> tuple[int, int]:
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class DistributedError(RuntimeError):
+    """A collective of the harness failed: a rank did not answer within the timeout, or its peer is gone."""
+
+
+_timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)  # the timeout of the group started here
+
+
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     """(rank, world_size); starts the default process group when launched by torchrun/accelerate.
 
-    A group started here is destroyed at interpreter exit (torch asks for `destroy_process_group` before
-    exit; without it the gloo transport can abort a process whose peer has already gone).
+    `timeout_s` (default 300 s) bounds every collective: a rank that stops responding makes the others
+    fail with `DistributedError` naming it, instead of gloo's 30-minute wait. A group started here is
+    destroyed at interpreter exit (without it the gloo transport can abort a process whose peer is gone).
     """
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"the process-group timeout must be > 0 seconds, got {timeout_s}.")
+        global _timeout
+        _timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=_timeout)
         atexit.register(_destroy_process_group)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -49,12 +75,32 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def barrier() -> None:
-    """Wait for every rank (a no-op in one process)."""
-    if is_distributed():
-        import torch.distributed as dist
+@contextlib.contextmanager
+def _bounded(name: str):
+    """A failed collective as one `DistributedError` naming this rank (gloo's monitored barrier names the late one)."""
+    import torch.distributed as dist
 
-        dist.barrier()
+    try:
+        yield
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise DistributedError(
+            f"{name} on rank {dist.get_rank()} of {dist.get_world_size()} failed ({first}); timeout "
+            f"{_timeout.total_seconds():g} s: a rank is stuck, stopped or gone (raise --dist-timeout if it is slow)."
+        ) from None
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process); on gloo rank 0 names the ranks that never arrived."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    with _bounded("barrier"):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=_timeout, wait_all_ranks=True)
+        else:
+            dist.barrier()
 
 
 def gather_objects(obj) -> list:
@@ -64,7 +110,8 @@ def gather_objects(obj) -> list:
     import torch.distributed as dist
 
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with _bounded("all_gather_object"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -75,7 +122,8 @@ def broadcast(obj):
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with _bounded("broadcast_object_list"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
