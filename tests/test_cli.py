@@ -103,3 +103,10 @@ def test_train_reference_never_overwrites_the_shipped_weights_by_default(capsys)
     assert cli.main(["train-reference", "--out", str(WEIGHTS_DIR)]) == 2
     assert "--replace-shipped" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in WEIGHTS_DIR.iterdir()} == before
+
+
+def test_uncached_model_offline_is_one_line_naming_the_fix(tmp_path, capsys):
+    assert cli.main(["sample", "--model", "someone/not-cached-model", "-n", "1", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load a model id 'someone/not-cached-model'" in err and "pass a local folder" in err
+    assert err.count("\n") == 1 and not (tmp_path / "s").exists()

@@ -104,8 +104,21 @@ def load_pipeline(model: str = "reference", device: str = "cpu"):
         pipe = load_reference_pipeline(device=device)
     else:
         from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
 
-        pipe = DiffusionPipeline.from_pretrained(model).to(device)
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # offline, diffusers warns "Couldn't connect to the Hub" first
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model).to(device)
+        except OSError as err:
+            where = "a folder" if Path(model).exists() else "a model id"
+            raise ValueError(
+                f"cannot load {where} {model!r} ({str(err).splitlines()[0][:160]}): offline (HF_HUB_OFFLINE=1) only "
+                "models already in the Hugging Face cache load; download it where the hub is reachable "
+                f"(`huggingface-cli download {model}`), or pass a local folder saved with `save_pretrained`."
+            ) from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
