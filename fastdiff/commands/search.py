@@ -53,9 +53,8 @@ def reference_pipeline(device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from fastdiff.eval.distributed import check_device
+    from fastdiff.eval.progress import Progress
     from fastdiff.search.autodiffusion import SearchConfig, search_timesteps
 
     config = SearchConfig(seed=args.seed, population_size=args.population, num_parents=args.parents,
@@ -75,11 +74,10 @@ def run(args: argparse.Namespace) -> int:
         features, reference = digit_reference(args.device, args.reference_stats)
     stage2 = config.num_key_steps is not None or config.num_skips is not None
     total = config.max_evaluations + (config.stage2_evaluations if stage2 else 0)
-    bar = tqdm(total=total, desc=f"search K={args.steps}", dynamic_ncols=True)
+    bar = Progress(total, f"search K={args.steps}", unit="evaluation")  # evaluations done / budget, best so far
 
     def progress(candidate, value: float, state) -> None:
-        bar.update(1)
-        bar.set_postfix(best=f"{min(state.fitness.values()):.4g}", gen=state.generations)
+        bar.update(1, note=f"best {args.objective} {min(state.fitness.values()):.4g}, generation {state.generations}")
 
     try:
         result = search_timesteps(pipe, args.steps, args.objective, config, features=features, reference=reference,

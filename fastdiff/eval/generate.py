@@ -34,6 +34,7 @@ import torch
 
 from fastdiff.eval.distributed import barrier, gather_objects, init_distributed
 from fastdiff.eval.methods import MethodSpec
+from fastdiff.eval.progress import Progress
 
 __all__ = [
     "GenerationResult",
@@ -166,12 +167,15 @@ class _CallCounter:
         class _Hook(ModelHook):
             def pre_forward(self, module, *args, **kwargs):
                 counter.calls += 1
+                if counter.on_call is not None:
+                    counter.on_call()
                 sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
                 counter.rows += int(sample.shape[0]) if isinstance(sample, torch.Tensor) else 0
                 return args, kwargs
 
         self.calls = 0
         self.rows = 0
+        self.on_call: Callable[[], None] | None = None
         self.module = module
         if module is not None:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_Hook(), self.NAME)
@@ -315,8 +319,11 @@ def _sample_chunks(pipe, method: MethodSpec, folder: Path, pending, base_seed: i
     with method.apply(pipe) as sample:
         # registered last = outermost: counts the pipeline's calls of its denoiser
         counter = _CallCounter(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None))
+        steps = method.num_steps()
+        if bar is not None:  # step-level: moves with every denoiser call, exact at each batch's end
+            counter.on_call = lambda: bar.update(1)
         try:
-            for chunk, todo in pending:
+            for k, (chunk, todo) in enumerate(pending):
                 images = _to_pil(_sample_chunk(sample, chunk, base_seed, cond, pipe_kwargs, "pil"))
                 if writer:
                     for i in todo:
@@ -325,19 +332,17 @@ def _sample_chunks(pipe, method: MethodSpec, folder: Path, pending, base_seed: i
                 counts["computed"] += len(chunk)
                 counts["batches"] += 1
                 if bar is not None:
-                    bar.update(len(chunk))
+                    bar.set((k + 1) * steps, note=f"{counts['computed']} images")
         finally:
             counter.remove()
     counts["calls"], counts["rows"] = counter.calls, counter.rows
     return counts
 
 
-def _progress_bar(name: str, pending):
-    """A tqdm bar over the images of the pending chunks (rank 0 only)."""
-    from tqdm.auto import tqdm
-
+def _progress_bar(method: MethodSpec, pending) -> Progress:
+    """Sampling steps of this rank's pending batches (rank 0 only): a bar, or a log line every 5 s."""
     _, world = init_distributed()
-    return tqdm(total=sum(len(c) for c, _ in pending), desc=f"{name} (rank 0/{world})", unit="img")
+    return Progress(len(pending) * method.num_steps(), f"{method.name} (rank 0/{world})", unit="step")
 
 
 def _world_timing(counts: dict, split: bool) -> dict:
@@ -387,7 +392,7 @@ def generate_images(
     device = pipe.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = _progress_bar(method.name, pending) if progress and rank == 0 and pending else None
+    bar = _progress_bar(method, pending) if progress and rank == 0 and pending else None
     start = time.perf_counter()
     try:
         counts = _sample_chunks(pipe, method, folder, pending, base_seed, conditioning(pipe, prompts),

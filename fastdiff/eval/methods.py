@@ -155,18 +155,6 @@ def _reward(name: Any, args: Any, rewards: Any) -> Callable[..., Any]:
     return obj
 
 
-def _check_step_indices(config: Any, num_steps: int) -> None:
-    """Encoder-propagation key steps and block-skip steps must lie in 0..num_steps-1."""
-    key_steps = getattr(config, "key_steps", None)
-    if key_steps is not None:
-        from fastdiff.hooks.encoder_propagation import key_step_indices
-
-        key_step_indices(key_steps, num_steps)
-    late = sorted({step for step, _ in getattr(config, "skips", ()) if step >= num_steps})
-    if late:
-        raise ValueError(f"skip steps {late} are out of range for {num_steps} steps (indices 0-{num_steps - 1}).")
-
-
 @dataclass
 class MethodSpec:
     """One sampling method: scheduler, step count or explicit timesteps, guidance and accelerator options."""
@@ -251,7 +239,8 @@ class MethodSpec:
         configs = [c for key, c in zip(self._attached(), self.accelerator_configs()) if key != "patch_parallel"]
         try:
             for config in configs:
-                _check_step_indices(config, num_steps)
+                if hasattr(config, "check_steps"):  # encoder propagation's key steps, block skipping's steps
+                    config.check_steps(num_steps)
             if configs:
                 from fastdiff.compose import apply
 

@@ -89,6 +89,12 @@ class BlockSkipConfig:
             out.setdefault(layer, set()).add(step)
         return {layer: frozenset(steps) for layer, steps in out.items()}
 
+    def check_steps(self, num_steps: int) -> None:
+        """Refuse skip steps past a `num_steps`-step call (indices 0..num_steps-1)."""
+        late = sorted({s for s, _ in self.skips if s >= num_steps})
+        if late:
+            raise ValueError(f"skip steps {late} are out of range for {num_steps} steps (indices 0-{num_steps - 1}).")
+
 
 class _LayerSkipHook(ModelHook):
     """AutoDiffusion layer skip: at the chosen steps, the layer's shortcut instead of the layer."""
@@ -134,10 +140,7 @@ class BlockSkipAttachment(Attachment):
                 for layer, steps in self.config.steps_by_layer().items()]
 
     def on_new_call(self) -> None:
-        num_steps = self.clock.num_steps
-        late = sorted({s for s, _ in self.config.skips if s >= num_steps})
-        if late:
-            raise ValueError(f"skip steps {late} are out of range for {num_steps} steps (indices 0-{num_steps - 1}).")
+        self.config.check_steps(self.clock.num_steps)
 
 
 def make_attachment(pipe_or_unet, unet: torch.nn.Module, config: BlockSkipConfig,

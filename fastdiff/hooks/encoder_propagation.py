@@ -101,6 +101,10 @@ class EncoderPropagationConfig:
         ):
             raise ValueError(f"max_parallel_batch={self.max_parallel_batch} must be None or an int >= 1.")
 
+    def check_steps(self, num_steps: int) -> None:
+        """Refuse key steps past a `num_steps`-step call (indices 0..num_steps-1)."""
+        key_step_indices(self.key_steps, num_steps)
+
 
 def key_step_indices(key_steps: Sequence[int] | int | str, num_steps: int) -> tuple[int, ...]:
     """Faster Diffusion key steps: the sorted key step indices of a `num_steps`-step run (pure function).
