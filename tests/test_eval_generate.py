@@ -138,6 +138,9 @@ def test_one_vs_two_gloo_processes_identical(workdir):
         assert a.shape == b.shape == (8, 32, 32)
         # fixed chunks per batch: the same batches run in both launches, so the PNGs are bit-identical
         np.testing.assert_array_equal(a, b)
+        records = [json.loads((workdir / w / "images" / method / "generation.json").read_text())
+                   for w in ("single", "double")]
+        assert [r["torch_threads"] for r in records] == [1, 1]  # the condition, recorded with the images
     single, double = _rows(workdir / "single"), _rows(workdir / "double")
     assert [r["world_size"] for r in double] == [2, 2] and [r["world_size"] for r in single] == [1, 1]
     for r1, r2 in zip(single, double):

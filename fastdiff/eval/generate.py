@@ -4,7 +4,8 @@ Image i always uses seed `base_seed + i` through its own `torch.Generator` (on C
 same on every device), and the class label `i % 10` (reference model) or prompt `i % len(prompts)`.
 Indices are cut into fixed chunks of `batch_size` ([0, B), [B, 2B), ...) and chunk c goes to rank
 `c % world_size`, so every image is computed in the same batch whatever the number of processes: one
-process and two `torchrun` processes give bit-identical PNGs (with the same thread settings).
+process and two `torchrun` processes give bit-identical PNGs when each uses the same number of torch threads
+(recorded as `torch_threads` in the folder's record).
 
 Files are `{index:06d}.png`, written atomically (temporary file + `os.replace`). A re-run recomputes
 only the chunks that hold a missing or unreadable file and rewrites only those files, so a killed run
@@ -417,7 +418,7 @@ def generate_images(
     )
     barrier()
     if rank == 0:
-        _write_record(folder, {**identity, "n": n, "timing": timing})
+        _write_record(folder, {**identity, "n": n, "torch_threads": torch.get_num_threads(), "timing": timing})
     barrier()
     return result
 
