@@ -230,6 +230,43 @@ def test_sample_images_in_memory_equal_the_written_pngs(pipe, tmp_path):
         G.sample_images(pipe, method, n=0)
 
 
+def test_sample_images_latents_and_unconditional(pipe):
+    """Latents instead of images, and pipe_kwargs that replace the label i % 10 (null label: unconditional)."""
+    from fastdiff.models.unet import decode
+
+    method = MethodSpec(name="ddim", steps=3, guidance=1.0)  # the fixture's own scheduler: no swap needed
+    images = G.sample_images(pipe, method, n=3, base_seed=4, batch_size=2).images
+    latents = G.sample_images(pipe, method, n=3, base_seed=4, batch_size=2, output_type="latent").images
+    assert latents.shape == (3, 4, 16, 16)
+    torch.testing.assert_close(decode(latents), images)
+    free = G.sample_images(pipe, method, n=2, base_seed=4, batch_size=2, pipe_kwargs={"class_labels": None})
+    direct = pipe(generator=[torch.Generator().manual_seed(s) for s in (4, 5)], num_inference_steps=3,
+                  guidance_scale=1.0, output_type="pt").images  # class_labels None: the null label
+    assert torch.equal(free.images, direct) and not torch.equal(free.images, images[:2])
+    with pytest.raises(ValueError, match="output_type"):
+        G.sample_images(pipe, method, n=1, output_type="pil")
+
+
+def test_sample_images_svdd_equals_svdd_sample(pipe):
+    """What bench_svdd reads from an SVDD method's `sample_images`: svdd_sample's images, its NFE as denoiser rows
+    per image, and its final rewards by re-scoring the images; reward_args may hold objects (a classifier)."""
+    from fastdiff.guidance import SVDDConfig, rewards, svdd_sample
+    from fastdiff.models.classifier import DigitClassifier
+
+    clf = DigitClassifier().eval().requires_grad_(False)
+    reward = rewards.ClassifierReward(7, classifier=clf)
+    svdd = {"reward": "ClassifierReward", "reward_args": {"target_class": 7, "classifier": clf},
+            "num_candidates": 2, "show_progress": False}
+    method = MethodSpec(name="svdd", steps=3, eta=1.0, guidance=1.0, svdd=svdd)
+    samples = G.sample_images(pipe, method, n=2, batch_size=2)
+    out = svdd_sample(pipe, reward, SVDDConfig(num_candidates=2, show_progress=False), class_labels=[0, 1],
+                      generator=[torch.Generator().manual_seed(s) for s in (0, 1)], num_inference_steps=3,
+                      eta=1.0, guidance_scale=1.0)
+    assert torch.equal(samples.images, out.images)
+    assert samples.unet_rows / 2 == out.nfe == 1 + (3 - 1) * 2
+    torch.testing.assert_close(reward(samples.images), out.rewards)
+
+
 def test_explicit_timesteps_and_schedule_file(pipe, tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 

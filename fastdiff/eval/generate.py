@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -304,9 +304,10 @@ def _peak_memory(device) -> tuple[float, str]:
 
 def _sample_chunk(sample: Callable[..., Any], chunk: list[int], base_seed: int, cond, pipe_kwargs: dict,
                   output_type: str):
-    """One batch: image i gets its own CPU generator seeded `base_seed + i` and the conditioning of index i."""
+    """One batch: image i gets its own CPU generator seeded `base_seed + i` and the conditioning of index i
+    (`pipe_kwargs` win over it: `{"class_labels": None}` samples unconditionally)."""
     generators = [torch.Generator("cpu").manual_seed(base_seed + i) for i in chunk]
-    out = sample(**cond(chunk), generator=generators, output_type=output_type, **pipe_kwargs)
+    out = sample(**{**cond(chunk), **pipe_kwargs}, generator=generators, output_type=output_type)
     images = out.images if hasattr(out, "images") else out[0]
     if len(images) != len(chunk):
         raise RuntimeError(f"the pipeline returned {len(images)} images for {len(chunk)} seeds.")
@@ -427,7 +428,7 @@ def generate_images(
 class Samples:
     """What `sample_images` returns: the images in index order and how long the sampling took."""
 
-    images: torch.Tensor  # (n, C, H, W) in [0, 1], float32, on CPU
+    images: torch.Tensor  # (n, C, H, W) in [0, 1] (output_type "pt") or the latents ("latent"), float32, on CPU
     wall_s: float
     unet_calls: int  # denoiser forward calls, all batches
     unet_rows: int  # batch rows through the denoiser, all batches
@@ -441,14 +442,20 @@ def sample_images(
     batch_size: int = 16,
     prompts: Sequence[str] | None = None,
     pipe_kwargs: dict | None = None,
+    output_type: Literal["pt", "latent"] = "pt",
 ) -> Samples:
     """Images 0..n-1 of `method` in memory: the seeds, conditioning and batches of `generate_images`.
 
     For benchmarks that score tensors instead of PNG files: image i equals the PNG `generate_images` writes
-    for it with the same arguments, before the 8-bit rounding. One process; no files.
+    for it with the same arguments, before the 8-bit rounding. `pipe_kwargs` are passed to every pipeline
+    call and win over the per-index conditioning (`{"class_labels": None}`: unconditional samples).
+    `output_type="latent"` returns the final latents instead of images. One process, no files; with a
+    patch-parallel method every rank of the process group calls it and gets all n images.
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}.")
+    if output_type not in ("pt", "latent"):
+        raise ValueError(f"output_type must be 'pt' or 'latent', got {output_type!r}.")
     cond = conditioning(pipe, prompts)
     out: list[torch.Tensor] = []
     with method.apply(pipe) as sample:
@@ -456,7 +463,7 @@ def sample_images(
         start = time.perf_counter()
         try:
             for chunk in index_chunks(n, batch_size):
-                images = _sample_chunk(sample, chunk, base_seed, cond, pipe_kwargs or {}, "pt")
+                images = _sample_chunk(sample, chunk, base_seed, cond, pipe_kwargs or {}, output_type)
                 out.append(torch.as_tensor(images).detach().float().cpu())
         finally:
             counter.remove()
