@@ -1,7 +1,7 @@
 """Benchmark: SVDD (Li et al. 2024, arXiv 2408.08252) on the reference digit model vs compute-matched best-of-N.
 
-One run, same seeds, same scheduler (DDIM, eta = 1, T steps, the shipped x0 clipping), unconditional
-generation (null label, no CFG):
+One run, same seeds, same scheduler (the shipped DDPM sampler, T steps, x0 clipped), unconditional generation
+(null label, no CFG), every sample drawn through the harness (`MethodSpec` + `sample_images`):
   (a) reward = ClassifierReward(7): fraction classified as 7, base vs SVDD-PM M = 8;
   (b) for ClassifierReward(7) and jpeg_compressibility: SVDD-PM M = 4 / 8 vs best-of-N with N = ceil(SVDD-PM
       NFE / T) (so best-of-N gets at least SVDD's UNet evaluations), and SVDD-MC M = 8 with a small value
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.guidance import SVDDConfig, rewards, svdd_sample
+from fastdiff.guidance import rewards
 from fastdiff.guidance.value import train_value_function
 
 OUT = Path(__file__).parent / "results" / "svdd"
@@ -47,63 +47,75 @@ def load_models(smoke: bool):
     return pipe, clf
 
 
-def fd_to_real(clf, images: torch.Tensor, real_stats) -> float:
-    from fastdiff.eval import compute_stats, frechet_distance
+def lenet_extractor(clf, smoke: bool):
+    """The harness's `lenet` features; with --smoke the random-weight classifier's, under the same name."""
+    from fastdiff.eval.features import FeatureExtractor, get_extractor
 
-    with torch.no_grad():
-        feats = torch.cat([clf.features(c) for c in images.split(500)]).numpy()
-    stats = compute_stats(feats)
-    return frechet_distance(stats.mu, stats.sigma, real_stats.mu, real_stats.sigma)
+    if not smoke:
+        return get_extractor("lenet")
+    return FeatureExtractor("lenet", "random-weight DigitClassifier (--smoke)", "none", clf.features, 500)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="images per row")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM (eta=1) steps T")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps T")
     parser.add_argument("--max-batch", type=int, default=800)
     parser.add_argument("--value-steps", type=int, default=1500)
     parser.add_argument("--smoke", action="store_true", help="random weights, N=6, T=4: plumbing check only")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=OUT, help="results folder (default: the recorded one)")
     args = parser.parse_args()
     if args.smoke:
-        args.n, args.steps, args.value_steps, args.out = 6, 4, 20, Path("/tmp/bench_svdd_smoke")
+        args.n, args.steps, args.value_steps = 6, 4, 20
+        args.out = Path("/tmp/bench_svdd_smoke") if args.out == OUT else args.out
     n, steps, t_start = args.n, args.steps, time.time()
 
-    from fastdiff.eval import compute_stats
+    from fastdiff.eval import MethodSpec, compute_stats, frechet_distance, sample_images
     from fastdiff.models.data import load_digits
+    from fastdiff.models.unet import decode
 
     pipe, clf = load_models(args.smoke)
+    lenet = lenet_extractor(clf, args.smoke)
     real, _ = load_digits("heldout")
-    with torch.no_grad():
-        real_stats = compute_stats(torch.cat([clf.features(c) for c in real.split(500)]).numpy())
+    real_stats = compute_stats(lenet(real))
     train_real, _ = load_digits("train")
     reward_fns = {"classifier7": rewards.ClassifierReward(7, classifier=clf), "jpeg": rewards.jpeg_compressibility}
-    sample_kw = dict(num_inference_steps=steps, eta=1.0)
+    # the same rewards as an SVDD method names them (reward_args may hold objects: the classifier in use)
+    reward_options = {
+        "classifier7": {"reward": "ClassifierReward", "reward_args": {"target_class": 7, "classifier": clf}},
+        "jpeg": {"reward": "jpeg_compressibility"},
+    }
     pm_m = (4, 8)
     nfe_pm = {m: 1 + (steps - 1) * m for m in pm_m}
     bon = {m: math.ceil(nfe_pm[m] / steps) for m in pm_m}
     pool_size = max(bon.values())
 
-    # 1. Best-of-N pool: pool_size plain samples per image; column 0 (seed i) is the base sample of image i.
-    t0 = time.time()
-    seeds = [[i] + [100_000 + i * pool_size + j for j in range(1, pool_size)] for i in range(n)]
-    flat = [s for row in seeds for s in row]
-    pool_latents = []
-    for start in range(0, len(flat), 400):
-        gens = [torch.Generator().manual_seed(s) for s in flat[start : start + 400]]
-        pool_latents.append(pipe(generator=gens, output_type="latent", **sample_kw).images)
-    pool_latents = torch.cat(pool_latents)
-    from fastdiff.models.unet import decode
+    def method(name: str, svdd: dict | None = None) -> MethodSpec:
+        return MethodSpec(name=name, scheduler="DDPMScheduler", steps=steps, guidance=1.0, svdd=svdd)
 
+    def sample(spec: MethodSpec, count: int, base_seed: int = 0, batch: int = 400, output_type: str = "pt"):
+        # class_labels None replaces the harness's label i % 10: the null label, unconditional samples
+        return sample_images(pipe, spec, count, base_seed, batch, pipe_kwargs={"class_labels": None},
+                             output_type=output_type)
+
+    # 1. Best-of-N pool: pool_size plain samples per image; column 0 (seed i) is the base sample of image i, the
+    # others are seeds 100000 + i * pool_size + j (j >= 1). They are taken from the harness's block of seeds
+    # 100000..100000 + n * pool_size - 1, whose draws j = 0 go unused: the recorded seeds, for n extra samples.
+    plain = method(f"DDPM-{steps}")
+    base = sample(plain, n, output_type="latent")
+    extra = sample(plain, n * pool_size, base_seed=100_000, output_type="latent")
+    grid = extra.images.reshape(n, pool_size, *extra.images.shape[1:])
+    grid[:, 0] = base.images
+    pool_latents = grid.reshape(n * pool_size, *grid.shape[2:])
     pool_images = decode(pool_latents.float())
-    pool_s = time.time() - t0
-    per_plain_s = pool_s / len(flat)
+    per_plain_s = (base.wall_s + extra.wall_s) / (n + n * pool_size)
     pool_images_grid = pool_images.reshape(n, pool_size, *pool_images.shape[1:])
 
     rows, fractions = [], {}
 
     def add_row(reward_name, method, m_or_n, images, values, nfe, seconds):
-        fd = fd_to_real(clf, images, real_stats)
+        stats = compute_stats(lenet(images))
+        fd = frechet_distance(stats.mu, stats.sigma, real_stats.mu, real_stats.sigma)
         row = dict(reward=reward_name, method=method, param=m_or_n, n=len(images), mean_reward=float(values.mean()),
                    median_reward=float(values.median()), fd_lenet=fd, nfe_per_image=nfe, s_per_image=seconds)
         if reward_name == "classifier7":
@@ -112,6 +124,7 @@ def main() -> None:
         print(f"  {reward_name:12s} {method:12s} {m_or_n:>3}  mean {row['mean_reward']:8.3f}  median "
               f"{row['median_reward']:8.3f}  FD {fd:7.2f}  NFE {nfe:6.1f}  s/img {seconds:.3f}", flush=True)
 
+    # not harness: which real digits form the "real (train)" row (a data subset, not a sampling seed)
     real_sub = train_real[torch.randperm(len(train_real), generator=torch.Generator().manual_seed(0))[:n]]
     for name, reward_fn in reward_fns.items():
         print(f"reward {name}", flush=True)
@@ -123,33 +136,32 @@ def main() -> None:
             best = pool_values[:, :k].argmax(1)
             add_row(name, "best-of-N", k, pool_images_grid[torch.arange(n), best], pool_values[:, :k].max(1).values,
                     float(k * steps), k * per_plain_s)
+        # SVDD rows: one batch of all n images (max_batch bounds the UNet batch), seeds 0..n-1 as the base row.
+        # The reward of the returned images is SVDD's final reward; denoiser rows per image are its NFE.
         for m in pm_m:
-            t0 = time.time()
-            out = svdd_sample(pipe, reward_fn, SVDDConfig(num_candidates=m, max_batch=args.max_batch,
-                                                          show_progress=False),
-                              generator=[torch.Generator().manual_seed(i) for i in range(n)], **sample_kw)
-            add_row(name, "SVDD-PM", m, out.images, out.rewards, out.nfe, (time.time() - t0) / n)
+            svdd = {**reward_options[name], "num_candidates": m, "max_batch": args.max_batch, "show_progress": False}
+            out = sample(method(f"SVDD-PM M={m}", svdd), n, batch=n)
+            add_row(name, "SVDD-PM", m, out.images, reward_fn(out.images), out.unet_rows / n, out.wall_s / n)
         # SVDD-MC: value net regressed on the pool (the model's own samples), then M = 8 children per step
         t0 = time.time()
         net = train_value_function(pipe, reward_fn, latents=pool_latents, steps=args.value_steps, seed=0)
         train_s = time.time() - t0
-        t0 = time.time()
-        out = svdd_sample(pipe, reward_fn, SVDDConfig(num_candidates=8, variant="mc", value_fn=net,
-                                                      max_batch=args.max_batch, show_progress=False),
-                          generator=[torch.Generator().manual_seed(i) for i in range(n)], **sample_kw)
-        add_row(name, "SVDD-MC", 8, out.images, out.rewards, out.nfe, (time.time() - t0) / n)
+        svdd = {**reward_options[name], "num_candidates": 8, "variant": "mc", "value_fn": net,
+                "max_batch": args.max_batch, "show_progress": False}
+        out = sample(method("SVDD-MC M=8", svdd), n, batch=n)
+        add_row(name, "SVDD-MC", 8, out.images, reward_fn(out.images), out.unet_rows / n, out.wall_s / n)
         rows[-1]["value_net_train_s"] = train_s
         if name == "classifier7":
             fractions = {"base": rows[1]["frac_7"], "SVDD-PM M=8": next(
                 r["frac_7"] for r in rows if r["method"] == "SVDD-PM" and r["param"] == 8 and r["reward"] == name)}
 
     meta = dict(
-        n_per_row=n, scheduler=f"DDIMScheduler eta=1.0, {steps} steps (trailing, x0 clipped)", conditioning=
+        n_per_row=n, scheduler=f"DDPMScheduler (shipped), {steps} steps (trailing, x0 clipped)", conditioning=
         "unconditional (null label, guidance_scale=1)", feature_extractor="lenet (shipped digit classifier, 128-d)",
         fd_reference="1,000 held-out real digits (fastdiff.models.data.load_digits('heldout'))",
         best_of_n="N = ceil(SVDD-PM NFE / T): at least SVDD-PM's UNet evaluations; column 0 of the pool = base",
         seeds="image i: seed i (base, SVDD); best-of-N extra draws: 100000 + i*N + j",
-        value_net=f"ValueNetwork trained {args.value_steps} steps on the {len(flat)} pool samples",
+        value_net=f"ValueNetwork trained {args.value_steps} steps on the {len(pool_latents)} pool samples",
         hardware=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
         versions={"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
                   "python": platform.python_version()},
