@@ -14,9 +14,14 @@ Three parts, measured in one run and written to eval/results/patch_parallel/ (re
    2-rank runs of part 1 (and in tests/test_parallel.py at N = 2 and 4).
 3. Quality (only once the trained reference weights exist): digits from 2 ranks (sync / async / partial /
    naive) against the same seeds on one device: PSNR and Frechet distance on the shipped digit
-   classifier's features (`lenet`).
+   classifier's features (`lenet`). Every image comes from the harness (`MethodSpec` with or without
+   `patch_parallel`, `sample_images`), on one process and on each of the 2 ranks.
+
+Parts 1 and 2 stay below the harness on purpose: they time single UNet calls and count bytes per step on
+a bare UNet, which whole-pipeline sampling cannot measure.
 
     nice -n 10 .venv/bin/python eval/bench_patch_parallel.py            # ~3-5 minutes on 2 busy cores
+    .venv/bin/python eval/bench_patch_parallel.py --latent 32 --calls 2 --n 10 --steps 4 --out /tmp/pp   # smoke
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ QUALITY_CONFIGS = {
     "naive": dict(mode="naive", split_cfg=False),
     "sync, split_cfg": dict(mode="sync", split_cfg=True),
 }
+QUALITY_SEED = 10_000  # quality images: seed 10000 + i, label i % 10 (as recorded)
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the fields that set layer shapes)
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -67,8 +73,8 @@ def _speed_inputs(latent: int):
     from fastdiff.models.unet import build_reference_unet, label_condition
 
     unet = build_reference_unet().eval()
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, latent, latent, generator=g).repeat(2, 1, 1, 1)
+    # not harness: a fixed random UNet input for timing single calls (no pipeline, no sampling)
+    sample = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
     labels = torch.tensor([10, 3])  # classifier-free guidance batch: null label, digit 3
     return unet, dict(sample=sample, encoder_hidden_states=label_condition(labels), class_labels=labels)
 
@@ -86,7 +92,10 @@ def _time_calls(unet, inputs: dict, calls: int, barrier=None) -> list[float]:
 
 
 def worker_speed(args) -> None:
-    """One process of part 1: plain UNet (world 1) or one rank of a gloo job."""
+    """One process of part 1: plain UNet (world 1) or one rank of a gloo job.
+
+    Patch parallelism goes on the bare UNet here (with a scheduler for its step clock), not through a
+    `MethodSpec`: the measures are per UNet call (seconds, bytes by step), below what the harness samples."""
     torch.set_num_threads(args.threads)
     unet, inputs = _speed_inputs(args.latent)
     result: dict = {}
@@ -121,20 +130,26 @@ def worker_speed(args) -> None:
             disable_patch_parallel(unet)
         dist.barrier()
     if args.rank == 0:
-        torch.save(result, args.out)
+        torch.save(result, args.result)
     sys.stdout.flush()
     os._exit(0)
 
 
-@torch.no_grad()
-def _generate(pipe, n: int, steps: int, batch: int = 25) -> torch.Tensor:
-    images = []
-    for start in range(0, n, batch):
-        idx = range(start, min(n, start + batch))
-        out = pipe(class_labels=[i % 10 for i in idx], guidance_scale=3.0, num_inference_steps=steps, output_type="pt",
-                   generator=[torch.Generator().manual_seed(10_000 + i) for i in idx])
-        images.append(out.images)
-    return torch.cat(images)
+def _quality_method(name: str, steps: int, patch_parallel: dict | None = None):
+    """The shipped sampler at guidance 3 (a CFG batch, which `split_cfg` splits), optionally patch-parallel."""
+    from fastdiff.eval import MethodSpec
+    from fastdiff.models import reference_record
+
+    scheduler = reference_record()["default_sampler"]["scheduler"]
+    return MethodSpec(name=name, scheduler=scheduler, steps=steps, guidance=3.0, patch_parallel=patch_parallel)
+
+
+def _sample(pipe, method, n: int) -> tuple[torch.Tensor, float]:
+    """Images 0..n-1 (seeds 10000 + i, labels i % 10, batches of 25) and the seconds they took."""
+    from fastdiff.eval import sample_images
+
+    samples = sample_images(pipe, method, n, base_seed=QUALITY_SEED, batch_size=25)
+    return samples.images, samples.wall_s
 
 
 def worker_quality(args) -> None:
@@ -143,7 +158,6 @@ def worker_quality(args) -> None:
     import torch.distributed as dist
 
     from fastdiff.models import load_reference_pipeline
-    from fastdiff.parallel import PatchParallelConfig, disable_patch_parallel, enable_patch_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=args.rank, world_size=args.world,
@@ -151,27 +165,26 @@ def worker_quality(args) -> None:
     pipe = load_reference_pipeline()
     pipe.set_progress_bar_config(disable=True)
     result = {}
-    for name, kwargs in QUALITY_CONFIGS.items():
-        enable_patch_parallel(pipe, PatchParallelConfig(**kwargs))
-        start = time.perf_counter()
-        result[name] = {"images": _generate(pipe, args.n, args.steps), "seconds": time.perf_counter() - start}
-        disable_patch_parallel(pipe)
+    for name, kwargs in QUALITY_CONFIGS.items():  # every rank samples every image, each on its band
+        images, seconds = _sample(pipe, _quality_method(name, args.steps, kwargs), args.n)
+        result[name] = {"images": images, "seconds": seconds}
     if args.rank == 0:
-        torch.save(result, args.out)
+        torch.save(result, args.result)
     dist.barrier()
     os._exit(0)
 
 
 def _launch(kind: str, world: int, threads: int, extra: list[str], tmp: Path) -> dict:
-    out, store = tmp / f"{kind}_{world}x{threads}.pt", tmp / f"store_{kind}_{world}x{threads}"
+    result, store = tmp / f"{kind}_{world}x{threads}.pt", tmp / f"store_{kind}_{world}x{threads}"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", kind, "--rank", str(r), "--world", str(world),
-                               "--threads", str(threads), "--store", str(store), "--out", str(out), *extra], env=env)
+                               "--threads", str(threads), "--store", str(store), "--result", str(result), *extra],
+                              env=env)
              for r in range(world)]
     for p in procs:
         if p.wait() != 0:
             raise RuntimeError(f"{kind} worker failed (world {world}, exit {p.returncode})")
-    return torch.load(out)
+    return torch.load(result)
 
 
 def _median(xs: list[float]) -> float:
@@ -230,30 +243,27 @@ def part_quality(args, tmp: Path) -> dict | None:
     weights = ROOT / "fastdiff" / "models" / "weights" / "reference_unet.safetensors"
     if not weights.exists():
         return None
-    from fastdiff.eval.metrics import compute_stats, frechet_distance
-    from fastdiff.models import load_digit_classifier, load_reference_pipeline
+    from fastdiff.eval import compute_stats, frechet_distance, get_extractor
+    from fastdiff.models import load_reference_pipeline
 
     torch.set_num_threads(1)
     pipe = load_reference_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    start = time.perf_counter()
-    single = _generate(pipe, args.n, args.steps)
-    single_s = time.perf_counter() - start
+    method = _quality_method("single device", args.steps)
+    single, single_s = _sample(pipe, method, args.n)
     multi = _launch("quality", 2, 1, ["--n", str(args.n), "--steps", str(args.steps)], tmp)
-    clf = load_digit_classifier()
-    with torch.no_grad():
-        ref_stats = compute_stats(clf.features(single).double().numpy())
+    lenet = get_extractor("lenet")
+    ref_stats = compute_stats(lenet(single))
     rows = {"single device": {"psnr_db": float("inf"), "fd_lenet": 0.0, "seconds_per_image": single_s / args.n}}
     for name, res in multi.items():
         mse = ((res["images"] - single) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-        with torch.no_grad():
-            stats = compute_stats(clf.features(res["images"]).double().numpy())
+        stats = compute_stats(lenet(res["images"]))
         rows[f"2 ranks, {name}"] = {
             "psnr_db": float((10 * torch.log10(1 / mse)).mean()),
             "fd_lenet": float(frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma)),
             "seconds_per_image": res["seconds"] / args.n,
         }
-    return {"n": args.n, "steps": args.steps, "scheduler": type(pipe.scheduler).__name__, "rows": rows}
+    return {"n": args.n, "steps": args.steps, "scheduler": method.scheduler, "rows": rows}
 
 
 def _markdown(res: dict) -> str:
@@ -314,7 +324,8 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--store", default="")
-    parser.add_argument("--out", default="")
+    parser.add_argument("--result", default="", help="(worker) file for rank 0's measurements")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="results folder (default: the recorded one)")
     args = parser.parse_args()
     if args.worker == "speed":
         return worker_speed(args)
@@ -323,8 +334,10 @@ def main() -> None:
 
     import diffusers
 
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((OUT_DIR / "results.json").read_text()) if (OUT_DIR / "results.json").exists() else {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    # --skip-speed reuses the speed part of the results in --out, else of the recorded ones
+    recorded = next((d / "results.json" for d in (args.out, OUT_DIR) if (d / "results.json").exists()), None)
+    previous = json.loads(recorded.read_text()) if recorded else {}
     with tempfile.TemporaryDirectory() as tmp:
         speed = previous.get("speed") if args.skip_speed else part_speed(args, Path(tmp))
         res = {
@@ -336,8 +349,8 @@ def main() -> None:
             "bytes": part_bytes(args, speed["counted_bytes"]),
             "quality": part_quality(args, Path(tmp)),
         }
-    (OUT_DIR / "results.json").write_text(json.dumps(res, indent=1, default=str))
-    (OUT_DIR / "results.md").write_text(_markdown(res))
+    (args.out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (args.out / "results.md").write_text(_markdown(res))
     print(_markdown(res))
 
 
