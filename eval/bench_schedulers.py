@@ -8,9 +8,12 @@
   (d) peers: error vs NFE of DPM-Solver++ and diffusers' UniPC, DEIS, DDIM, PNDM, Euler, Heun, LMS (VP) and
       FlowMatchEuler, UniPC (flow) on exact Gaussian mixtures, against the exact ODE solution.
 
-    nice -n 10 python eval/bench_schedulers.py [--parts a,b,c,d] [--n 500]
+    nice -n 10 python eval/bench_schedulers.py [--parts a,b,c,d] [--n 500] [--out DIR]
 
-Writes eval/results/schedulers/{results.json, results.md, convergence.png}.
+Writes eval/results/schedulers/{results.json, results.md, convergence.png} (or DIR). Parts (c) and (fd) sample
+through the harness (`MethodSpec` + `sample_images`: image i has seed i and label i % 10) and score with
+`fastdiff.eval.metrics`; parts (a), (b) and (d) drive schedulers by hand on purpose: they measure `step()`
+itself and exact-ODE errors, below what the harness samples.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-OUT = Path(__file__).parent / "results" / "schedulers"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "eval" / "results" / "schedulers"  # the recorded results; --out writes elsewhere
 
 
 def _env() -> dict:
@@ -54,7 +58,9 @@ def bench_step_time(repeats: int = 5, steps: int = 20) -> list[dict]:
     ]
     rows = []
     for shape in [(1, 4, 64, 64), (64, 4, 16, 16)]:
+        # not harness: fixed random model outputs and start, to time step() alone (no model, no pipeline)
         outs = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(steps)]
+        # not harness: as above
         x0 = torch.randn(shape, generator=torch.Generator().manual_seed(999))
         for name, cfg, single in configs:
             ref_cls = DPMSolverSinglestepScheduler if single else DPMSolverMultistepScheduler
@@ -66,6 +72,7 @@ def bench_step_time(repeats: int = 5, steps: int = 20) -> list[dict]:
                     sched = cls(**cfg)
                     sched.set_timesteps(steps)
                     x = x0
+                    # not harness: the SDE solver's noise while timing step()
                     g = torch.Generator().manual_seed(r)
                     t0 = time.perf_counter()
                     for t, out in zip(sched.timesteps, outs):
@@ -92,6 +99,7 @@ def bench_convergence(steps=(10, 20, 40, 80, 160, 320), lam=(-2.5, 2.5)) -> dict
     from fastdiff.schedulers import DPMSolverPlusPlusScheduler
     from fastdiff.testing import GaussianMixtureDenoiser
 
+    # not harness: the exact Gaussian-mixture model and its start (an ODE-error measurement, no pipeline)
     g = torch.Generator().manual_seed(0)
     ac = DPMSolverPlusPlusScheduler().alphas_cumprod.double()
     model = GaussianMixtureDenoiser(means=torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64) * 0.8,
@@ -157,77 +165,52 @@ def plot_convergence(conv: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- (c) reference model
-def _frechet(feats: np.ndarray, real_feats: np.ndarray) -> float:
-    try:
-        from fastdiff.eval.metrics import compute_stats, frechet_distance
-
-        a, b = compute_stats(feats), compute_stats(real_feats)
-        return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
-    except ImportError:
-        from scipy import linalg
-
-        mu1, mu2 = feats.mean(0), real_feats.mean(0)
-        s1, s2 = np.cov(feats, rowvar=False), np.cov(real_feats, rowvar=False)
-        covmean = linalg.sqrtm(s1 @ s2).real
-        return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
-def _generate(pipe, n: int, labels, guidance: float, batch: int = 100, **call) -> torch.Tensor:
-    images = []
-    for start in range(0, n, batch):
-        idx = range(start, min(n, start + batch))
-        gens = [torch.Generator().manual_seed(i) for i in idx]  # seed = index, one generator per image
-        out = pipe(class_labels=[labels[i] for i in idx], guidance_scale=guidance, generator=gens,
-                   output_type="pt", **call)
-        images.append(out.images.float())
-    return torch.cat(images)
-
-
 def bench_reference(n: int = 500, nfes=(5, 6, 8, 10, 15, 20), n_guided: int = 200, save=None) -> dict:
-    """Guided stress test first (the paper's claim), then FD vs NFE, then DDPM-1000; `save(partial)` after each."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    """Guided stress test first (the paper's claim), then FD vs NFE, then DDPM-1000; `save(partial)` after each.
 
+    Every method is a `MethodSpec` over the shipped scheduler config, sampled with `sample_images` in batches
+    of 100 (image i: seed i, label i % 10); FD is on the harness's `lenet` features vs the held-out digits."""
+    from fastdiff.eval import MethodSpec, compute_stats, frechet_distance, get_extractor, sample_images
     from fastdiff.models import load_digit_classifier, load_reference_pipeline
     from fastdiff.models.data import load_digits
-    from fastdiff.schedulers import DPMSolverPlusPlusScheduler, DPMSolverPlusPlusSinglestepScheduler
 
     pipe = load_reference_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    clf = load_digit_classifier()
-    base = pipe.scheduler.config
+    clf = load_digit_classifier()  # class agreement (log_prob)
+    lenet = get_extractor("lenet")
     real, _ = load_digits("heldout")
-    with torch.no_grad():
-        real_feats = clf.features(real).numpy()
-    labels = [i % 10 for i in range(max(n, n_guided))]
+    real_stats = compute_stats(lenet(real))
     res = {"n": n, "n_guided": n_guided, "features": "lenet (fastdiff digit classifier, 128-d penultimate layer)",
            "real_stats": "held-out split, 1000 digits", "guidance_for_fd": 1.0,
            "x0_clipping": "all FD methods clip x0 to [-1, 1] (DDIM clip_sample, DPM++ thresholding max 1)",
            "rows": [], "guided": [],
            "ddpm_fd": None, "smallest_nfe_within_10pct_of_ddpm": {}}
 
-    def fd_of(images):
-        with torch.no_grad():
-            return _frechet(clf.features(images).numpy(), real_feats)
+    def run(name: str, scheduler: str, kwargs: dict, steps: int, guidance: float, count: int):
+        """(images, FD vs the held-out digits, seconds per image) of one method."""
+        method = MethodSpec(name=name, scheduler=scheduler, scheduler_kwargs=kwargs, steps=steps, guidance=guidance)
+        samples = sample_images(pipe, method, count, batch_size=100)
+        stats = compute_stats(lenet(samples.images))
+        fd = float(frechet_distance(stats.mu, stats.sigma, real_stats.mu, real_stats.sigma))
+        return samples.images, fd, samples.wall_s / count
 
-    dpm = DPMSolverPlusPlusScheduler.from_config
+    dpm = "DPMSolverPlusPlusScheduler"
     thr = dict(thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.995)
     stress = {
-        "DDIM-50": (lambda: DDIMScheduler.from_config(base), 50),
-        "DPM++ 2M-20 + thresholding": (lambda: dpm(base, solver_order=2, **thr), 20),
-        "DPM++ 2M-15 + thresholding": (lambda: dpm(base, solver_order=2, **thr), 15),
-        "DPM++ 2M-20": (lambda: dpm(base, solver_order=2), 20),
+        "DDIM-50": ("DDIMScheduler", {}, 50),
+        "DPM++ 2M-20 + thresholding": (dpm, dict(solver_order=2, **thr), 20),
+        "DPM++ 2M-15 + thresholding": (dpm, dict(solver_order=2, **thr), 15),
+        "DPM++ 2M-20": (dpm, dict(solver_order=2), 20),
     }
     for w in (3.0, 5.0):
-        for name, (make, steps) in stress.items():
-            pipe.scheduler = make()
-            t0 = time.perf_counter()
-            images = _generate(pipe, n_guided, labels, w, num_inference_steps=steps)
+        for name, (scheduler, kwargs, steps) in stress.items():
+            images, fd, spi = run(name, scheduler, kwargs, steps, w, n_guided)
             with torch.no_grad():
                 pred = clf.log_prob(images).argmax(-1).numpy()
-            agree = float(np.mean(pred == np.array(labels[:n_guided])))
-            res["guided"].append({"method": name, "guidance": w, "nfe": steps, "agreement": agree,
-                                  "fd": fd_of(images), "s_per_image": (time.perf_counter() - t0) / n_guided})
-            print(f"  w={w} {name:28s} agreement {agree:.3f} FD {res['guided'][-1]['fd']:.3f}", flush=True)
+            agree = float(np.mean(pred == np.arange(n_guided) % 10))
+            res["guided"].append({"method": name, "guidance": w, "nfe": steps, "agreement": agree, "fd": fd,
+                                  "s_per_image": spi})
+            print(f"  w={w} {name:28s} agreement {agree:.3f} FD {fd:.3f}", flush=True)
             if save:
                 save(res)
 
@@ -235,27 +218,22 @@ def bench_reference(n: int = 500, nfes=(5, 6, 8, 10, 15, 20), n_guided: int = 20
     # sample_max_value = 1 is exactly that clipping
     clip = dict(thresholding=True, sample_max_value=1.0)
     methods = {
-        "DDIM": lambda: DDIMScheduler.from_config(base),
-        "DPM++ 2M": lambda: dpm(base, solver_order=2, **clip),
-        "DPM++ 3M": lambda: dpm(base, solver_order=3, **clip),
-        "DPM++ 3M exact": lambda: dpm(base, solver_order=3, exact_third_order=True, **clip),
-        "DPM++ 2S": lambda: DPMSolverPlusPlusSinglestepScheduler.from_config(base, solver_order=2, **clip),
-        "DPM++ SDE-2M": lambda: dpm(base, solver_order=2, algorithm_type="sde-dpmsolver++", **clip),
+        "DDIM": ("DDIMScheduler", {}),
+        "DPM++ 2M": (dpm, dict(solver_order=2, **clip)),
+        "DPM++ 3M": (dpm, dict(solver_order=3, **clip)),
+        "DPM++ 3M exact": (dpm, dict(solver_order=3, exact_third_order=True, **clip)),
+        "DPM++ 2S": ("DPMSolverPlusPlusSinglestepScheduler", dict(solver_order=2, **clip)),
+        "DPM++ SDE-2M": (dpm, dict(solver_order=2, algorithm_type="sde-dpmsolver++", **clip)),
     }
     for nfe in nfes:
-        for name, make in methods.items():
-            pipe.scheduler = make()
-            t0 = time.perf_counter()
-            images = _generate(pipe, n, labels, 1.0, num_inference_steps=nfe)
-            res["rows"].append({"method": name, "nfe": nfe, "fd": fd_of(images),
-                                "s_per_image": (time.perf_counter() - t0) / n})
-            print(f"  {name:14s} NFE {nfe:3d} FD {res['rows'][-1]['fd']:.3f}", flush=True)
+        for name, (scheduler, kwargs) in methods.items():
+            _, fd, spi = run(name, scheduler, kwargs, nfe, 1.0, n)
+            res["rows"].append({"method": name, "nfe": nfe, "fd": fd, "s_per_image": spi})
+            print(f"  {name:14s} NFE {nfe:3d} FD {fd:.3f}", flush=True)
             if save:
                 save(res)
-    pipe.scheduler = DDPMScheduler.from_config(base)
-    t0 = time.perf_counter()
-    ddpm_fd = fd_of(_generate(pipe, n, labels, 1.0, num_inference_steps=1000))
-    res["rows"].append({"method": "DDPM", "nfe": 1000, "fd": ddpm_fd, "s_per_image": (time.perf_counter() - t0) / n})
+    _, ddpm_fd, spi = run("DDPM", "DDPMScheduler", {}, 1000, 1.0, n)
+    res["rows"].append({"method": "DDPM", "nfe": 1000, "fd": ddpm_fd, "s_per_image": spi})
     res["ddpm_fd"] = ddpm_fd
     print(f"  DDPM-1000 FD {ddpm_fd:.3f}", flush=True)
     for name in methods:
@@ -274,6 +252,7 @@ PEER_NFES = (5, 6, 8, 10, 15, 20, 25)
 def _peer_mixture(flow: bool):
     from fastdiff.testing import GaussianMixtureDenoiser
 
+    # not harness: the exact Gaussian-mixture model and its start (an ODE-error measurement, no pipeline)
     g = torch.Generator().manual_seed(0)
     means = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64) * 0.8
     model = GaussianMixtureDenoiser(means=means, stds=torch.tensor([0.3, 0.5, 0.4], dtype=torch.float64),
@@ -285,6 +264,7 @@ def _peer_run(sched, model, x_T: torch.Tensor, n: int, mode: str) -> tuple[torch
     """The pipeline loop (init_noise_sigma, scale_model_input, model at the scheduler's timestep, step) in
     float32; returns (x, NFE, the starting noise level as a model timestep)."""
     if mode == "flow_sigmas":  # the same shifted grid, passed as sigmas=: fractional timesteps s T
+        # not harness: a scheduler copy only to read its sigma grid
         grid = type(sched).from_config(sched.config)
         grid.set_timesteps(n)
         sched.set_timesteps(sigmas=grid.sigmas.double().tolist())
@@ -370,7 +350,7 @@ def bench_peers(nfes=PEER_NFES) -> dict:
 # ------------------------------------------------------------------- (fd) peers on the reference model: FD vs NFE
 FD_NFES = (4, 5, 6, 8, 10)
 FD_RUN_ORDER = (4, 6, 10, 5, 8)  # columns that need no new timestep search first (a cut-short run keeps them)
-SEARCH_DIR = Path(__file__).parent / "results" / "search"
+SEARCH_DIR = ROOT / "eval" / "results" / "search"
 # recorded 2M searches of eval/bench_search.py (diffusers' DPMSolverMultistepScheduler order 2, same objective):
 # K -> (file, key with the timestep-only schedule, what it is)
 RECORDED_SCHEDULES = {
@@ -403,34 +383,45 @@ def _fd_rows() -> list[tuple[str, str, dict, str]]:
     ]
 
 
-def _searched_schedule(k: int, setup, log=print) -> tuple[list[int], str]:
-    """The 2M-searched K-step schedule: recorded in eval/results/search/ when there is one, else searched now
-    with bench_search's reference settings (saved to eval/results/schedulers/schedule_k{K}.json, resumable)."""
+def _shown(path: Path) -> str:
+    """`path` as the tables show it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _schedule_file(k: int, out: Path) -> Path | None:
+    """A K-step schedule searched by this benchmark: in `out`, else among the recorded results, else None."""
+    return next((d / f"schedule_k{k}.json" for d in (out, OUT) if (d / f"schedule_k{k}.json").exists()), None)
+
+
+def _searched_schedule(k: int, setup, out: Path, log=print) -> tuple[list[int], str]:
+    """The 2M-searched K-step schedule: recorded in eval/results/search/ or by this benchmark when there is one,
+    else searched now with bench_search's reference settings (saved to `out`/schedule_k{K}.json, resumable)."""
     if k in RECORDED_SCHEDULES:
         name, key, what = RECORDED_SCHEDULES[k]
         ts = json.loads((SEARCH_DIR / name).read_text())[key]
         return [int(t) for t in ts], f"eval/results/search/{name} ({what})"
-    path = OUT / f"schedule_k{k}.json"
     what = "searched here with bench_search's reference settings: 200 images at seeds 100000+, 60 evaluations"
-    if path.exists():
+    path = _schedule_file(k, out)
+    if path is not None:
         ts = json.loads(path.read_text())["timesteps"]
-        return [int(t) for t in ts], f"eval/results/schedulers/{path.name} ({what})"
+        return [int(t) for t in ts], f"{_shown(path)} ({what})"
     from fastdiff.search import SearchConfig, search_timesteps
 
+    path, checkpoint = out / f"schedule_k{k}.json", out / f".search_k{k}_checkpoint.json"
     pipe, search_obj = setup["search_pipe"], setup["search_obj"]
     t0 = time.perf_counter()
     result = search_timesteps(pipe, k, search_obj, SearchConfig(seed=0, max_evaluations=60, population_size=16,
-                                                                num_parents=6),
-                              checkpoint=OUT / f".search_k{k}_checkpoint.json")
+                                                                num_parents=6), checkpoint=checkpoint)
     result.save(path)
-    (OUT / f".search_k{k}_checkpoint.json").unlink(missing_ok=True)
+    checkpoint.unlink(missing_ok=True)
     log(f"  searched K={k}: {result.timesteps} in {time.perf_counter() - t0:.0f} s (this session)")
-    return [int(t) for t in result.timesteps], f"eval/results/schedulers/{path.name} ({what})"
+    return [int(t) for t in result.timesteps], f"{_shown(path)} ({what})"
 
 
 def _fd_setup(n: int) -> dict:
     """bench_search's reference setup: the pipeline with diffusers' 2M (for searches), its search objective, and
-    the held-out-seed scorer (seeds 0..n-1, labels i % 10, FD vs the 4,000 training digits, lenet features)."""
+    the held-out-seed scorer (seeds 0..n-1, labels i % 10, FD vs the 4,000 training digits, lenet features);
+    plus the shipped pipeline, whose DDPM config is every row's base."""
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_search
     from diffusers import DDPMScheduler
@@ -439,45 +430,40 @@ def _fd_setup(n: int) -> dict:
 
     pipe, clf, _, train_images, _, held_images = bench_search._reference(False)
     search_obj, _, vs_train = bench_search._objectives(pipe, clf, train_images, held_images, 200, n, 100_000)
-    shipped = load_reference_pipeline().scheduler  # the shipped DDPM config: every row's from_config base
-    assert isinstance(shipped, DDPMScheduler), type(shipped)
-    return {"search_pipe": pipe, "search_obj": search_obj, "scorer": vs_train, "shipped": shipped}
+    shipped = load_reference_pipeline()
+    shipped.set_progress_bar_config(disable=True)
+    assert isinstance(shipped.scheduler, DDPMScheduler), type(shipped.scheduler)
+    return {"search_pipe": pipe, "search_obj": search_obj, "scorer": vs_train, "pipe": shipped}
 
 
 def _fd_cell(setup, spec, n: int, batch: int = 256) -> dict:
-    """Images 0..n-1 of `spec` (MethodSpec) at seeds 0..n-1, labels i % 10; FD vs the training digits."""
-    pipe, scorer = setup["search_pipe"], setup["scorer"]
-    calls = [0]
-    hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    search_scheduler, pipe.scheduler = pipe.scheduler, setup["shipped"]
-    images, batches = [], 0
-    try:
-        with spec.apply(pipe) as sample, torch.no_grad():
-            t0 = time.perf_counter()
-            for start in range(0, n, batch):
-                idx = range(start, min(start + batch, n))
-                out = sample(class_labels=[i % 10 for i in idx], output_type="pt",
-                             generator=[torch.Generator().manual_seed(scorer.seed + i) for i in idx])
-                images.append(out.images.float().cpu())
-                batches += 1
-            wall = time.perf_counter() - t0
-            timesteps = [float(t) for t in pipe.scheduler.timesteps]
-    finally:
-        hook.remove()
-        pipe.scheduler = search_scheduler
-    images = torch.cat(images)
+    """Images 0..n-1 of `spec` (MethodSpec over the shipped config) at the scorer's seeds (0..n-1), labels i % 10,
+    through `sample_images`; FD vs the training digits with bench_search's scorer."""
+    from fastdiff.eval import sample_images
+
+    scorer, timesteps = setup["scorer"], []
+
+    def record(pipe, i, t, kwargs):  # the timesteps the method ran (every batch runs the same ones)
+        if i == 0:
+            timesteps.clear()
+        timesteps.append(float(t))
+        return kwargs
+
+    samples = sample_images(setup["pipe"], spec, n, base_seed=scorer.seed, batch_size=batch,
+                            pipe_kwargs={"callback_on_step_end": record})
+    images = samples.images
     bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
-    return {"fd": scorer.score_images(images) if bad == 0 else float("nan"), "s_per_image": wall / n,
-            "nfe": calls[0] / batches, "timesteps": timesteps, "nonfinite_images": bad}
+    return {"fd": scorer.score_images(images) if bad == 0 else float("nan"), "s_per_image": samples.wall_s / n,
+            "nfe": samples.unet_calls / math.ceil(n / batch), "timesteps": timesteps, "nonfinite_images": bad}
 
 
-def bench_fd_peers(n: int = 4000, nfes=FD_RUN_ORDER, log=print, save=None) -> dict:
+def bench_fd_peers(n: int = 4000, nfes=FD_RUN_ORDER, out: Path = OUT, log=print, save=None) -> dict:
     """FD (lenet) vs NFE on the reference model for fastdiff's DPM-Solver++ (uniform and searched schedules) and
     diffusers' few-step schedulers, bench_search's held-out-seed protocol. Cells are appended to
-    eval/results/schedulers/fd_cells.jsonl as they finish; a rerun skips the cells already there (same N)."""
+    `out`/fd_cells.jsonl as they finish; a rerun skips the cells already there (same N)."""
     from fastdiff.eval import MethodSpec
 
-    cells_path = OUT / "fd_cells.jsonl"
+    cells_path = out / "fd_cells.jsonl"
     cells = [json.loads(line) for line in cells_path.read_text().splitlines()] if cells_path.exists() else []
     cells = [c for c in cells if c["n"] == n]
     env = {**_env(), "OMP_NUM_THREADS": __import__("os").environ.get("OMP_NUM_THREADS"),
@@ -488,14 +474,15 @@ def bench_fd_peers(n: int = 4000, nfes=FD_RUN_ORDER, log=print, save=None) -> di
                      "guidance 1 (pipeline default), batch 256, output_type='pt'",
            "base_config": "the shipped DDPM config (v_prediction, linear betas, timestep_spacing 'trailing', "
                           "clip_sample true): from_config(shipped, **kwargs) for every row",
-           "nfe": "UNet evaluations per image, counted with a forward pre-hook; Heun with k steps costs 2k - 1: "
+           "nfe": "UNet evaluations per image, counted by the harness (sample_images); Heun with k steps costs "
+                  "2k - 1: "
                   f"steps {FD_HEUN_STEPS} for the target NFEs (the nearest NFE at or below)",
            "env": env, "schedules": {}, "cells": cells}
     done = {(c["row"], c["target_nfe"]) for c in cells}
     setup = None
     for target in nfes:
         rows = _fd_rows()
-        if target not in RECORDED_SCHEDULES and not (OUT / f"schedule_k{target}.json").exists():
+        if target not in RECORDED_SCHEDULES and _schedule_file(target, out) is None:
             rows.sort(key=lambda row: row[3] == "searched")  # a new search last: a cut-short run keeps the rest
         for label, scheduler, kwargs, mode in rows:
             if (label, target) in done:
@@ -509,11 +496,13 @@ def bench_fd_peers(n: int = 4000, nfes=FD_RUN_ORDER, log=print, save=None) -> di
             else:
                 source = None
                 if mode == "searched":
-                    ts, source = _searched_schedule(target, setup, log)
+                    ts, source = _searched_schedule(target, setup, out, log)
                     res["schedules"][str(target)] = {"timesteps": ts, "source": source}
-                    spec = MethodSpec(name=label, scheduler=scheduler, scheduler_kwargs=kwargs, timesteps=ts)
+                    spec = MethodSpec(name=label, scheduler=scheduler, scheduler_kwargs=kwargs, timesteps=ts,
+                                      guidance=1.0)
                 else:
-                    spec = MethodSpec(name=label, scheduler=scheduler, scheduler_kwargs=kwargs, steps=steps)
+                    spec = MethodSpec(name=label, scheduler=scheduler, scheduler_kwargs=kwargs, steps=steps,
+                                      guidance=1.0)
                 cell = {"row": label, "target_nfe": target, "steps": steps, "n": n, "scheduler": scheduler,
                         "scheduler_kwargs": kwargs, "timesteps_source": source, **_fd_cell(setup, spec, n)}
             cells.append(cell)
@@ -524,8 +513,8 @@ def bench_fd_peers(n: int = 4000, nfes=FD_RUN_ORDER, log=print, save=None) -> di
             if save:
                 save(res)
     for target in FD_NFES:  # the schedule sources, also when every cell came from an earlier run
-        if target in RECORDED_SCHEDULES or (OUT / f"schedule_k{target}.json").exists():
-            ts, source = _searched_schedule(target, None, log)
+        if target in RECORDED_SCHEDULES or _schedule_file(target, out) is not None:
+            ts, source = _searched_schedule(target, None, out, log)
             res["schedules"][str(target)] = {"timesteps": ts, "source": source}
     return res
 
@@ -643,12 +632,14 @@ def main(argv=None) -> int:
     p.add_argument("--fd-nfes", default=",".join(map(str, FD_RUN_ORDER)),
                    help="NFE columns of part fd, in run order (cells already in fd_cells.jsonl are skipped)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=OUT, help="results folder (default: the recorded one)")
     args = p.parse_args(argv)
+    out = args.out
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "results.json"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if parts & {"a", "b", "c"}:
         results["env"] = _env()
@@ -658,7 +649,7 @@ def main(argv=None) -> int:
     if "b" in parts:
         print("(b) convergence", flush=True)
         results["convergence"] = bench_convergence()
-        plot_convergence(results["convergence"], OUT / "convergence.png")
+        plot_convergence(results["convergence"], out / "convergence.png")
     if "d" in parts:
         print("(d) peer solvers", flush=True)
         results["peers"] = bench_peers()
@@ -672,7 +663,7 @@ def main(argv=None) -> int:
             def save(partial):
                 results["reference"] = partial
                 path.write_text(json.dumps(results, indent=2) + "\n")
-                write_markdown(results, OUT / "results.md")
+                write_markdown(results, out / "results.md")
 
             results["reference"] = bench_reference(args.n, tuple(int(v) for v in args.nfes.split(",")),
                                                    n_guided=args.n_guided, save=save)
@@ -688,13 +679,13 @@ def main(argv=None) -> int:
             def save_fd(partial):
                 results["fd"] = {**partial, "notes": notes}
                 path.write_text(json.dumps(results, indent=2) + "\n")
-                write_markdown(results, OUT / "results.md")
+                write_markdown(results, out / "results.md")
 
             order = tuple(int(v) for v in args.fd_nfes.split(","))
-            save_fd(bench_fd_peers(args.fd_n, order, save=save_fd))
+            save_fd(bench_fd_peers(args.fd_n, order, out, save=save_fd))
     path.write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, OUT / "results.md")
-    print(f"wrote {path} and {OUT / 'results.md'}")
+    write_markdown(results, out / "results.md")
+    print(f"wrote {path} and {out / 'results.md'}")
     return 0
 
 
