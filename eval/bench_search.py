@@ -57,6 +57,7 @@ def part_exact(out: Path) -> None:
     from fastdiff.search.objectives import ExactObjective, betas_from_alphas_cumprod
     from fastdiff.testing import GaussianMixtureDenoiser
 
+    # not harness: the exact Gaussian-mixture model (no pipeline; ExactObjective seeds its own noise)
     gen = torch.Generator().manual_seed(0)
     model = GaussianMixtureDenoiser(means=torch.rand((3, 1, 4, 4), generator=gen, dtype=torch.float64) * 2 - 1,
                                     stds=torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64))
@@ -119,6 +120,7 @@ def _reference(smoke: bool):
         pipe, clf = load_reference_pipeline(), load_digit_classifier()
     # the reference sweep's settings: DPM-Solver++ 2M (diffusers' DPMSolverMultistepScheduler, as in
     # eval/sweeps/reference.toml) from the model's config, labels i % 10, no guidance
+    # not harness: the search and its objectives sample with the pipeline's own scheduler, so it is set here
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, solver_order=2)
     pipe.set_progress_bar_config(disable=True)
     train_images, train_labels = load_digits("train")
@@ -144,25 +146,21 @@ def _objectives(pipe, clf, train_images, held_images, n_search: int, n_eval: int
 
 
 def _flag_timesteps(pipe, k: int, **flags) -> list[int]:
+    # not harness: a scheduler copy only to read its K timesteps
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config, **flags)
     sched.set_timesteps(k)
     return [int(t) for t in sched.timesteps]
 
 
 def _flag_images(pipe, held, k: int, **flags) -> tuple[torch.Tensor, list[int]]:
-    """Images of the scheduler's own K-step schedule with `flags` (karras / lu use their exact sigmas)."""
-    original = pipe.scheduler
-    pipe.scheduler = type(original).from_config(original.config, **flags)
-    try:
-        ts = _flag_timesteps(pipe, k, **flags)
-        images = []
-        for start in range(0, held.num_samples, held.batch_size):
-            idx = range(start, min(start + held.batch_size, held.num_samples))
-            images.append(pipe(class_labels=[i % 10 for i in idx], num_inference_steps=k, output_type="pt",
-                               generator=[torch.Generator().manual_seed(held.seed + i) for i in idx]).images)
-        return torch.cat(images), ts
-    finally:
-        pipe.scheduler = original
+    """Images of the scheduler's own K-step schedule with `flags` (karras / lu use their exact sigmas), at the
+    held-out scorer's seeds and batches, through the harness."""
+    from fastdiff.eval import MethodSpec, sample_images
+
+    method = MethodSpec(name=f"K={k} {flags}", scheduler=type(pipe.scheduler).__name__, scheduler_kwargs=flags,
+                        steps=k)
+    samples = sample_images(pipe, method, held.num_samples, base_seed=held.seed, batch_size=held.batch_size)
+    return samples.images, _flag_timesteps(pipe, k, **flags)
 
 
 def part_reference(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 4000) -> None:
@@ -207,10 +205,12 @@ def part_reference(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 40
         if not smoke:
             result.save(out / f"schedule_k{k}.json")  # usable as a sweep method
         t0 = time.perf_counter()
+        # not harness: the GITS-style baseline's fixed calibration noise (an input of the baseline, not images)
         noise = torch.randn((warm, 4, 16, 16), generator=torch.Generator().manual_seed(555))
         schedules["GITS-style"] = gits_timesteps(pipe, k, noise, {"class_labels": [i % 10 for i in range(warm)]})
         times["GITS-style"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        # not harness: which training digits calibrate the AYS-style baseline (a data subset)
         pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))[:warm]
         schedules["AYS-style"] = ays_timesteps(pipe, k, encode(train_images[pick]),
                                                {"class_labels": train_labels[pick].tolist()}, sweeps=1 if smoke else 2)
@@ -296,6 +296,7 @@ def _unet_flops(pipe, candidate) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         with _propagation(pipe, candidate.key_steps), _skipping(pipe, candidate.skips):
             pipe(class_labels=[0], timesteps=list(candidate.timesteps), output_type="pt",
+                 # not harness: one batch-1 call under FlopCounterMode, counting FLOPs, not sampling images
                  generator=torch.Generator().manual_seed(0))
     return counter.get_total_flops()
 
@@ -317,6 +318,7 @@ def part_skips(out: Path, smoke: bool, n_search: int = 200, n_eval: int = 4000) 
     wall = time.perf_counter() - t0
     num_layers = len(skippable_layers(pipe.unet))
     space = SearchSpace(k, 999, num_skips=num_skips, num_layers=num_layers, max_skips_per_step=max(1, num_layers // 10))
+    # not harness: the draw of the random-skips control row (a candidate, not an image seed)
     random_skips = random_candidate(space, torch.Generator().manual_seed(1)).skips
     rows = {
         "uniform, full network": make_candidate(_flag_timesteps(pipe, k)),
