@@ -128,3 +128,67 @@ def test_import_fastdiff_is_cheap():
            "print(sorted(m for m in ('torch', 'scipy', 'torchvision', 'cleanfid') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+# -- eval/bench_*.py sample and score through the harness --------------------------------------------------------
+BENCHMARKS = sorted((ROOT / "eval").glob("bench_*.py"))
+# A line that must seed, swap a scheduler or do FD maths itself (a scheduler- or UNet-level measurement, a data
+# subset) says why in a comment on it or on the line above.
+NOT_HARNESS = "# not harness:"
+# benchmarks still on their own loops, and why; remove an entry once its script is moved
+PENDING = {
+    "bench_encoder_propagation.py": "moved onto the harness in its own branch of issue #16",
+}
+OWN_CALLS = ("manual_seed", "from_config", "sqrtm", "cov")
+
+
+def own_sampling(source: str) -> list[str]:
+    """Lines that build seeded generators (`manual_seed(`), swap schedulers (`from_config(`, assigning
+    `.scheduler`) or compute FD by hand (`sqrtm(`, `cov(`), unless marked `# not harness: <reason>`.
+
+    Benchmarks get all of that from the harness instead: `MethodSpec` (scheduler and accelerators),
+    `sample_images` / `generate_images` (image i: seed base + i, label i % 10) and `fastdiff.eval.metrics`.
+    """
+    lines = source.splitlines()
+
+    def excused(lineno: int) -> bool:
+        for line in lines[max(lineno - 2, 0) : lineno]:
+            reason = line.partition(NOT_HARNESS)[2] if NOT_HARNESS in line else ""
+            if reason.strip():
+                return True
+        return False
+
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        what = None
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            what = f"{name}(" if name in OWN_CALLS else None
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Attribute) and t.attr == "scheduler" for x in targets for t in ast.walk(x)):
+                what = ".scheduler ="
+        if what and not excused(node.lineno):
+            found.add((node.lineno, what))
+    return [f"line {n}: {what}" for n, what in sorted(found)]
+
+
+def test_own_sampling_finds_seeds_swaps_and_fd_maths():
+    source = (
+        "g = torch.Generator().manual_seed(0)\n"
+        "# not harness: a data subset\n"
+        "h = torch.Generator().manual_seed(1)\n"
+        "old, pipe.scheduler = pipe.scheduler, DDIMScheduler.from_config(config)\n"
+        "covmean = linalg.sqrtm(np.cov(a) @ np.cov(b))  # not harness:\n"  # a marker needs its reason
+        "x = torch.randn(2, generator=torch.Generator().manual_seed(2))  # not harness: a timing input\n"
+    )
+    assert own_sampling(source) == ["line 1: manual_seed(", "line 4: .scheduler =", "line 4: from_config(",
+                                    "line 5: cov(", "line 5: sqrtm("]
+
+
+def test_benchmarks_sample_through_the_harness():
+    """No eval/bench_*.py seeds its own generators, swaps schedulers by hand or does FD maths itself."""
+    names = {path.name for path in BENCHMARKS}
+    assert set(PENDING) <= names, f"remove stale PENDING entries: {sorted(set(PENDING) - names)}"
+    offenders = {path.name: own_sampling(path.read_text()) for path in BENCHMARKS if path.name not in PENDING}
+    assert {name: found for name, found in offenders.items() if found} == {}
