@@ -298,6 +298,16 @@ def test_folder_of_another_method_is_rejected(pipe, tmp_path):
         G.generate_images(pipe, MethodSpec(name="x", steps=3), tmp_path, n=2, batch_size=2, progress=False)
 
 
+def test_folder_made_with_other_pipe_kwargs_is_rejected(pipe, tmp_path):
+    """pipe_kwargs can replace the label: images made with others must not be mixed in on resume."""
+    method = MethodSpec(name="x", steps=2)
+    G.generate_images(pipe, method, tmp_path, n=2, batch_size=2, pipe_kwargs={"class_labels": None}, progress=False)
+    for other in ({}, {"class_labels": [1, 1]}):
+        with pytest.raises(ValueError, match="pipe_kwargs"):
+            G.generate_images(pipe, method, tmp_path, n=2, batch_size=2, pipe_kwargs=other, progress=False)
+    G.generate_images(pipe, method, tmp_path, n=2, batch_size=2, pipe_kwargs={"class_labels": None}, progress=False)
+
+
 def test_folder_of_another_model_is_rejected(pipe, tmp_path):
     """Same method, changed weights (e.g. a retrained model): resuming must not reuse the old images."""
     import copy

@@ -225,14 +225,18 @@ def model_fingerprint(pipe) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def _identity(method: MethodSpec, base_seed: int, batch_size: int, prompts, model: str | None = None) -> dict:
-    return {
+def _identity(method: MethodSpec, base_seed: int, batch_size: int, prompts, model: str | None = None,
+              pipe_kwargs: dict | None = None) -> dict:
+    identity = {
         "model": model,
         "method": method.to_dict(),
         "base_seed": base_seed,
         "batch_size": batch_size,
         "prompts": list(prompts) if prompts else None,
     }
+    if pipe_kwargs:  # they can replace the label or the size: part of what the images are
+        identity["pipe_kwargs"] = json.loads(json.dumps(pipe_kwargs, default=repr))
+    return identity
 
 
 def _open_folder(folder: Path, identity: dict, n: int) -> dict | None:
@@ -244,10 +248,11 @@ def _open_folder(folder: Path, identity: dict, n: int) -> dict | None:
     record = json.loads(record_path.read_text()) if record_path.exists() else None
     if record is not None and not any(is_valid_image(p) for p in folder.glob("*.png")):
         record = None  # a run that failed before its first image: nothing to protect
-    if record is not None and {k: record.get(k) for k in identity} != identity:
+    keys = [*identity, *({"pipe_kwargs"} - set(identity))]
+    if record is not None and {k: record.get(k) for k in keys} != {k: identity.get(k) for k in keys}:
         what = "another model (weights)" if record.get("model") != identity["model"] else "another method"
         raise ValueError(
-            f"{folder} holds images of {what}, seed or batch size ({record_path}); "
+            f"{folder} holds images of {what}, seed, batch size or pipe_kwargs ({record_path}); "
             "use a new output folder or delete this one."
         )
     barrier()
@@ -387,7 +392,7 @@ def generate_images(
     method.check(pipe)  # before the folder is touched: a refused method leaves nothing behind
     rank, _ = init_distributed()
     folder = Path(folder)
-    identity = _identity(method, base_seed, batch_size, prompts, model_fingerprint(pipe))
+    identity = _identity(method, base_seed, batch_size, prompts, model_fingerprint(pipe), pipe_kwargs)
     record = _open_folder(folder, identity, n)
     split = method.patch_parallel is None
     pending = _pending_chunks(folder, n, batch_size, split)
