@@ -223,3 +223,16 @@ def test_cli_fid_warns_on_an_interrupted_folder(tmp_path, capsys):
 def test_pareto_front():
     points = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (0.5, 9.0), (4.0, 1.0)]
     assert pareto_front(points) == [3, 0, 1, 4]
+
+
+def test_kid_only_for_unit_scale_features():
+    """KID is not reported for lenet features (their scale dominates the cubic kernel); FD always is."""
+    from fastdiff.eval.features import get_extractor
+    from fastdiff.eval.sweep import score
+
+    assert get_extractor("lenet").kid is False and get_extractor("pixels").kid is True
+    rng = np.random.default_rng(0)
+    ref = compute_stats(rng.normal(size=(30, 4)))
+    feats = rng.normal(size=(20, 4))
+    with_kid, without = score(feats, ref, {}, 5, 10), score(feats, ref, {}, 5, 10, kid=False)
+    assert with_kid["kid"] is not None and without["kid"] is None and without["fd"] == with_kid["fd"]

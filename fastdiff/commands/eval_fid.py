@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if asked is not None and len(feats) < asked:
         print(f"warning: {args.folder} holds {len(feats)} images but its generation.json asked for {asked} "
               "(an interrupted run?); scoring the ones there. Re-run the same command to finish it.", file=sys.stderr)
-    result = score(feats, ref, folder_meta(ex, size, args.folder), args.kid_subsets, args.kid_subset_size)
+    result = score(feats, ref, folder_meta(ex, size, args.folder), args.kid_subsets, args.kid_subset_size, ex.kid)
     result.update(n=len(feats), n_ref=ref.n, extractor=ex.name, build=ex.build)
     if args.json:
         print(json.dumps(result))

@@ -56,6 +56,7 @@ class FeatureExtractor:
     resize: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     batch_size: int = 64
+    kid: bool = True  # KID's cubic kernel (x.y / d + 1)^3 assumes features of about unit scale
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         out = []
@@ -160,7 +161,8 @@ def get_extractor(name: ExtractorName, device: str | torch.device = "cpu") -> Fe
                 raise ValueError(f"the lenet extractor needs 1 x 32 x 32 digit images, got {tuple(x.shape[1:])}.")
             return clf.features(x.to(device))
 
-        extractor = FeatureExtractor("lenet", build, "none", lenet, batch_size=256)
+        # unscaled ReLU activations: the cubic kernel is dominated by their magnitude (KID of +-1e5), so no KID
+        extractor = FeatureExtractor("lenet", build, "none", lenet, batch_size=256, kid=False)
     else:
         path, build = inception_weights()
         model = CleanInception(path).to(device)

@@ -41,7 +41,11 @@ def write_table(rows: list[dict], path: str | Path, title: str = "sweep") -> str
         )
     lines.append(f"- hardware: {first['hardware']}; processes: {first['world_size']}; batch {first['batch_size']}")
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()))
-    lines.append("- s/image = generation wall time / images (all processes together); KID shown x 1e3 (± subset std)")
+    lines.append("- FD: Fréchet distance between Gaussians fitted to sample and reference features; lower is better. "
+                 "It is biased upwards at small N, so compare rows at the same N only")
+    lines.append("- KID shown x 1e3 (± subset std), only for features of about unit scale: `-` for `lenet` (unscaled "
+                 "ReLU activations dominate KID's cubic kernel)")
+    lines.append("- s/image = generation wall time / images (all processes together)")
     lines.append(f"- written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     lines.append("")
     header = ["method", "NFE", "UNet calls", "UNet rows/image"]

@@ -235,13 +235,17 @@ def versions() -> dict[str, str]:
 
 
 def score(
-    features: np.ndarray, ref: FeatureStats, meta: dict, kid_subsets: int = 100, kid_subset_size: int = 1000
+    features: np.ndarray, ref: FeatureStats, meta: dict, kid_subsets: int = 100, kid_subset_size: int = 1000,
+    kid: bool = True,
 ) -> dict:
-    """FD and KID (mean, std) of sample features against reference stats (sidecars must be compatible)."""
+    """FD and KID (mean, std) of sample features against reference stats (sidecars must be compatible).
+
+    KID is None when `kid` is False (an extractor whose features are not of unit scale) or the reference
+    statistics kept no features."""
     check_compatible(meta, ref.meta)
     stats = compute_stats(features)
     out = {"fd": frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma), "kid": None, "kid_std": None}
-    if ref.features is not None:
+    if kid and ref.features is not None:
         out["kid"], out["kid_std"] = kernel_distance(features, ref.features, kid_subsets, kid_subset_size)
     return out
 
@@ -291,7 +295,7 @@ def _score_folder(config: SweepConfig, folder: Path, extractors: dict, refs: dic
         k = config.n_for(name)
         feats = sharded_features(folder, k, ex, config.batch_size)
         meta = folder_meta(ex, size, str(folder))
-        s = score(feats, refs[name], meta, config.kid_subsets, config.kid_subset_size) if rank == 0 else None
+        s = score(feats, refs[name], meta, config.kid_subsets, config.kid_subset_size, ex.kid) if rank == 0 else None
         s = broadcast(s)
         columns[f"fd_{name}"] = s["fd"]
         columns[f"kid_{name}"] = s["kid"]
