@@ -1,6 +1,6 @@
 """Benchmark: Faster Diffusion (arXiv 2312.09608) encoder propagation — FLOPs, CPU wall time and quality.
 
-Five parts, each measured side by side in one run and written to eval/results/encoder_propagation/:
+Parts, each written to --out (default eval/results/encoder_propagation/) as soon as it is measured:
 
 1. flops:   UNet FLOPs counted with torch.utils.flop_counter.FlopCounterMode on meta tensors (classic
             attention processor so attention matmuls are counted) for the SD1.5 UNet (512x512, latent 64x64)
@@ -11,23 +11,33 @@ Five parts, each measured side by side in one run and written to eval/results/en
             latent, random weights): full vs fd50 sequential vs fd50 parallel vs DeepCache, batch 1 and 4.
 3. premise: on the trained reference model, how much each encoder and decoder part's output changes
             between adjacent DDIM steps (the paper's observation, measured here).
-4. quality: the trained reference model (fastdiff/models/weights): UNet FLOPs of the call, Frechet distance
-            on the digit classifier's features against the 1,000 held-out digits, and PSNR to the full-UNet
-            images of the same seeds, for fd50 (with / without noise injection), other key-step lists and
-            DeepCache at its headline settings and at deeper branches that match the FLOPs; then each
-            encoder-propagation row beside the DeepCache row of nearest FLOPs.
-5. latency: the same methods' wall time on the reference model at batch 1 and 8, with parallel decoding.
+4. caches:  which of diffusers' own caches attach to the reference UNet2DConditionModel (`enable_cache`, then
+            `diffusers.hooks.apply_*`), with the refusals as diffusers words them.
+5. quality: the trained reference model with DDIM-50 and DPM-Solver++(2M)-20, generated and scored through the
+            harness (`MethodSpec`, `sample_images`, `fastdiff.eval.metrics`): UNet FLOPs of a call, FD on the
+            digit classifier's features against the 1,000 held-out digits, PSNR to the full-UNet images of the
+            same seeds, for the full UNet, the paper's preset, `calibrate`'s plans at budgets 0.6 / 0.75 / 0.9 and
+            at each DeepCache row's FLOPs, fixed shallow-recompute depths, DeepCache (headline settings and the
+            settings nearest each budget) and the diffusers caches that attach. Resumable: a row already in
+            results.json (same method and N) is skipped.
+6. latency: the same rows' wall time at batch 1 and 8 through the harness, parallel decoding where it applies.
+7. sdcal:   `calibrate` on the SD-shaped random-weight UNet of the speed part: drift, FLOPs, plans, seconds.
 
-Run:  nice -n 10 .venv/bin/python eval/bench_encoder_propagation.py [--parts flops,speed,premise,quality,latency]
+Run:  nice -n 10 .venv/bin/python eval/bench_encoder_propagation.py [--parts ...] [--n 500] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
@@ -227,186 +237,401 @@ def speed_table(batches=(1, 4), repeats: int = 1) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- 4. quality
-# Key-step lists tried on the reference model besides the paper's presets (0 = noisiest step of 50). The
-# premise part below shows why early steps are the safe ones to propagate here: conv_in's output changes
-# 0.9% per step over steps 1-24 and 5-7% per step over the last 25.
-EARLY_K2 = list(range(0, 25, 2)) + list(range(25, STEPS))  # every other step in the first half, then all
-EARLY_K4 = list(range(0, 25, 4)) + list(range(25, STEPS))  # every 4th step in the first half, then all
+# Samplers of the quality part: DDIM-50 (the paper's SD setting) and DPM-Solver++(2M) with 20 steps.
+SAMPLERS: dict[str, dict] = {
+    "DDIM-50": {"scheduler": "DDIMScheduler", "steps": 50, "preset": "fd50"},
+    "DPM++-20": {"scheduler": "DPMSolverMultistepScheduler", "steps": 20, "preset": "fd20",
+                 "scheduler_kwargs": {"algorithm_type": "dpmsolver++", "solver_order": 2}},
+}
+BUDGETS = (0.6, 0.75, 0.9)  # UNet FLOPs budgets of the calibrated plans (fraction of the full UNet's)
+GUIDANCE = 1.0  # DDIM-50 with the shipped x0 clipping collapses from guidance 2 on (eval/results/reference_model/)
+CALIBRATION_SEED = 10_000  # calibration images are not among the scored ones (seeds 0..N-1)
+# DeepCache (interval, branch) settings whose FLOPs are measured; per budget the nearest one is scored, plus the
+# headline settings I=2/3 B=0. Branch b recomputes DeepCache's block b // 3, layer b % 3 and what is shallower.
+DEEPCACHE_GRID = [(i, b) for i in (2, 3, 5) for b in (0, 3, 4, 5, 6)]
+DEEPCACHE_HEADLINE = [(2, 0), (3, 0)]
 
 
-def _quality_methods(pipe, parallel: bool = False) -> dict:
-    """Name -> context factory: fastdiff schedules, then DeepCache at its headline and FLOP-matched settings."""
-    import contextlib
+@dataclass
+class Row:
+    """One scored method: a harness MethodSpec, optionally run inside a context (DeepCache, diffusers caches)."""
 
-    def fd(**kwargs):
-        return lambda: encoder_propagation(pipe, EncoderPropagationConfig(parallel=parallel, **kwargs))
-
-    methods = {
-        "full UNet": contextlib.nullcontext,
-        "fd50": fd(key_steps="fd50"),
-        "fd50 + noise injection": fd(key_steps="fd50", noise_injection_alpha=0.003, noise_injection_tau=500),
-        "every 2nd step (k=2)": fd(key_steps=2),
-        "early k=4 (0-24 every 4th, then all)": fd(key_steps=EARLY_K4),
-        "early k=2 (0-24 every 2nd, then all)": fd(key_steps=EARLY_K2),
-    }
-    if _deepcache_available():
-        # I=2/3 B=0 are DeepCache's headline settings; deeper branches recompute more and match the FLOPs of
-        # the fastdiff rows (branch b: block b // 3, layer b % 3 of DeepCache's numbering)
-        for interval, branch in ((2, 0), (3, 0), (2, 3), (2, 5), (2, 6)):
-            methods[f"DeepCache I={interval} B={branch}"] = lambda i=interval, b=branch: _DeepCache(pipe, i, b)
-    return methods
+    name: str
+    spec: Any  # fastdiff.eval.methods.MethodSpec
+    context: Callable[[], Any] | None = None
+    info: dict = field(default_factory=dict)
 
 
-def _call_flops(pipe, context) -> int:
-    """UNet FLOPs of one 50-step batch-1 call of the reference pipeline (FlopCounterMode)."""
+def _spec(sampler: str, name: str, **accelerators):
+    from fastdiff.eval.methods import MethodSpec
+
+    s = SAMPLERS[sampler]
+    return MethodSpec(name=name, scheduler=s["scheduler"], scheduler_kwargs=s.get("scheduler_kwargs", {}),
+                      steps=s["steps"], guidance=GUIDANCE, **accelerators)
+
+
+def _reference_pipe():
+    from fastdiff.models import load_reference_pipeline
+
+    pipe = load_reference_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _call_flops(pipe, spec, context=None) -> int:
+    """UNet FLOPs of one batch-1 harness call of `spec` (inside `context`), counted with FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), context():
-        pipe(
-            class_labels=[0],
-            guidance_scale=1.0,
-            num_inference_steps=STEPS,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        )
+    from fastdiff.eval.generate import sample_images
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), (context or contextlib.nullcontext)():
+        sample_images(pipe, spec, 1, base_seed=0, batch_size=1)
     return counter.get_total_flops()
 
 
-def quality_table(n: int, guidance_scale: float = 1.0) -> list[dict] | None:
+_FULL_FLOPS: dict[str, int] = {}
+
+
+def _row_flops(pipe, sampler: str, row: Row) -> float:
+    """UNet FLOPs of one batch-1 call with the row applied, relative to the full UNet's."""
+    if sampler not in _FULL_FLOPS:
+        _FULL_FLOPS[sampler] = _call_flops(pipe, _spec(sampler, "full"))
+    return _call_flops(pipe, row.spec, row.context) / _FULL_FLOPS[sampler]
+
+
+def _calibration(pipe, sampler: str, results: dict) -> dict:
+    """The sampler's calibration record (measured once with `calibrate`, kept in results.json for resuming)."""
+    from fastdiff.hooks.calibrate import calibrate
+
+    record = results.setdefault("calibration", {}).get(sampler)
+    if record is None:
+        from fastdiff.eval.methods import scheduler_class
+
+        s = SAMPLERS[sampler]
+        original = pipe.scheduler
+        pipe.scheduler = scheduler_class(s["scheduler"]).from_config(original.config, **s.get("scheduler_kwargs", {}))
+        try:
+            result = calibrate(pipe, s["steps"], max(BUDGETS), 4, seed=CALIBRATION_SEED, class_labels=[0, 3, 6, 9],
+                               guidance_scale=GUIDANCE)
+        finally:
+            pipe.scheduler = original
+        record = result.metadata()
+        results["calibration"][sampler] = record
+        print(f"  calibration {sampler}: {record['seconds']:.1f} s", flush=True)
+    return record
+
+
+def _plan(record: dict, budget: float, depth: int | None = None):
+    """`choose_plan` (depth None) or `plan_key_steps` (a fixed depth) on a stored calibration record."""
+    from fastdiff.hooks.calibrate import choose_plan, plan_key_steps
+
+    drift = {int(d): v for d, v in record["drift"].items()}
+    non_key = {int(d): f for d, f in record["non_key_flops"].items()}
+    if depth is None:
+        return choose_plan(drift, record["key_flops"], non_key, budget, record["weights"])
+    return depth, plan_key_steps(drift[depth], record["key_flops"], non_key[depth], budget, record["weights"])
+
+
+def _calibrated_row(sampler: str, record: dict, budget: float, label: str, depth: int | None = None) -> Row:
+    """A calibrated plan as a harness row; a budget no plan meets becomes a row that records the refusal."""
+    name = f"{sampler} | calibrated {label}" + (f", recompute_shallow={depth}" if depth is not None else "")
+    try:
+        chosen, plan = _plan(record, budget, depth)
+    except ValueError as err:
+        return Row(name, None, info={"budget": budget, "refused": str(err)})
+    if plan is None:
+        return Row(name, None, info={"budget": budget, "refused": f"no plan at depth {depth} within {budget}"})
+    options = {"key_steps": plan.key_steps, "recompute_shallow": chosen}
+    info = {"budget": budget, "key_steps": plan.key_steps, "recompute_shallow": chosen,
+            "predicted_error": plan.predicted_error}
+    return Row(name, _spec(sampler, name, encoder_propagation=options), info=info)
+
+
+def _deepcache_rows(pipe, sampler: str, results: dict) -> list[Row]:
+    """DeepCache at its headline settings and, per budget, at the grid setting with the nearest FLOPs."""
+    if not _deepcache_available():
+        return []
+    measured = results.setdefault("deepcache_flops", {}).setdefault(sampler, {})
+    rows = {}
+    for interval, branch in DEEPCACHE_GRID:
+        name = f"{sampler} | DeepCache I={interval} B={branch}"
+        rows[name] = Row(name, _spec(sampler, name), lambda i=interval, b=branch: _DeepCache(pipe, i, b),
+                         {"interval": interval, "branch": branch})
+        if name not in measured:
+            measured[name] = _row_flops(pipe, sampler, rows[name])
+    chosen = {f"{sampler} | DeepCache I={i} B={b}" for i, b in DEEPCACHE_HEADLINE}
+    for budget in BUDGETS:
+        chosen.add(min(measured, key=lambda n: (abs(measured[n] - budget), n)))
+    return [rows[n] for n in sorted(chosen, key=lambda n: measured[n])]
+
+
+def _quality_rows(pipe, sampler: str, results: dict) -> list[Row]:
+    """Every row of a sampler: full, the paper's preset, DeepCache, calibrated plans, shallow variants, caches."""
+    preset = SAMPLERS[sampler]["preset"]
+    rows = [Row(f"{sampler} | full UNet", _spec(sampler, f"{sampler} | full UNet")),
+            Row(f"{sampler} | {preset}", _spec(sampler, f"{sampler} | {preset}",
+                                                encoder_propagation={"key_steps": preset}))]
+    record = _calibration(pipe, sampler, results)
+    deepcache = _deepcache_rows(pipe, sampler, results)
+    rows += [_calibrated_row(sampler, record, b, f"{b:.2f}") for b in BUDGETS]
+    flops = results["deepcache_flops"].get(sampler, {})
+    for row in deepcache:  # the same FLOPs as each DeepCache row: the matched comparison
+        rows.append(_calibrated_row(sampler, record, flops[row.name], f"@ {row.name.split(' | ')[1]}"))
+    for depth in (1, 2):
+        rows += [_calibrated_row(sampler, record, b, f"{b:.2f}", depth) for b in BUDGETS[1:]]
+    rows += deepcache + _diffusers_cache_rows(pipe, sampler, results)
+    return rows
+
+
+def _score(images: torch.Tensor, full: torch.Tensor | None, clf, ref) -> dict:
     from fastdiff.eval.metrics import compute_stats, frechet_distance
-    from fastdiff.models import WEIGHTS_DIR, load_digit_classifier, load_reference_pipeline
+
+    with torch.no_grad():
+        stats = compute_stats(clf.features(images).numpy())
+    fd = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+    if full is None:
+        return {"fd": fd, "psnr_vs_full": float("inf")}
+    mse = ((images - full) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return {"fd": fd, "psnr_vs_full": float((10 * torch.log10(1 / mse)).mean())}
+
+
+def quality_table(n: int, results: dict, out: Path, save: Callable[[], None], samplers: list[str]) -> None:
+    """Score every row of every sampler through the harness (`sample_images`, `metrics`); resumable per row."""
+    from fastdiff.eval.generate import sample_images
+    from fastdiff.eval.metrics import compute_stats
+    from fastdiff.models import load_digit_classifier
     from fastdiff.models.data import load_digits
 
-    if not (Path(WEIGHTS_DIR) / "reference_unet.safetensors").exists():
-        print(f"  skipped: no trained reference weights in {WEIGHTS_DIR} (run `fastdiff train-reference`)")
-        return None
-    from diffusers import DDIMScheduler
-
-    pipe = load_reference_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    # DDIM-50 as in the paper: the shipped default (DDPM, ancestral) adds fresh noise at every step, which
-    # a non-key step's decoder -- fed encoder features of an older latent -- cannot see or remove. Guidance
-    # 1.0: on this model DDIM-50 with the shipped x0 clipping collapses from guidance 2 on (the stress table in
-    # eval/results/reference_model/), which would measure the collapse, not the accelerator.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    clf = load_digit_classifier()
+    pipe, clf = _reference_pipe(), load_digit_classifier()
     heldout, _ = load_digits("heldout")
     with torch.no_grad():
         ref = compute_stats(clf.features(heldout).numpy())
-    labels = [i % 10 for i in range(n)]
-    # sequential decoding only: parallel equals sequential to 1e-5 (tests), and at batch 100 on a CPU the
-    # batched decoders of a group bring no speed
-    methods = _quality_methods(pipe)
-    full_flops = _call_flops(pipe, methods["full UNet"])
-    rows, full_images = [], None
-    for name, context in methods.items():
-        flops = _call_flops(pipe, context) / full_flops
-        images, start = [], time.perf_counter()
-        with torch.no_grad(), context():
-            for lo in range(0, n, 100):
-                ids = range(lo, min(n, lo + 100))
-                out = pipe(
-                    class_labels=[labels[i] for i in ids],
-                    guidance_scale=guidance_scale,
-                    num_inference_steps=STEPS,
-                    output_type="pt",
-                    generator=[torch.Generator().manual_seed(i) for i in ids],
-                )
-                images.append(out.images)
-        seconds = time.perf_counter() - start
-        images = torch.cat(images)
-        with torch.no_grad():
-            stats = compute_stats(clf.features(images).numpy())
-        fd = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
-        if full_images is None:
-            full_images, full_fd, full_seconds = images, fd, seconds
-        mse = ((images - full_images) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-        psnr = float((10 * torch.log10(1 / mse)).mean()) if name != "full UNet" else float("inf")
-        rows.append(
-            {
-                "method": name,
-                "flops": flops,
-                "fd": fd,
-                "fd_change": fd / full_fd - 1,
-                "psnr_vs_full": psnr,
-                "seconds": seconds,
-                "speedup": full_seconds / seconds,
-            }
-        )
-        print(
-            f"  {name:38s} FLOPs {flops:5.3f}  FD {fd:7.3f} ({fd / full_fd - 1:+.1%})  PSNR {psnr:6.2f} dB  "
-            f"{full_seconds / seconds:4.2f}x",
-            flush=True,
-        )
-    return rows
+    rows = results.setdefault("quality", [])
+    rows[:] = [r for r in rows if "sampler" in r]  # rows of the older single-sampler format are re-measured
+    for sampler in samplers:
+        cache = out / f".full_{sampler}_n{n}.pt"
+        full = torch.load(cache) if cache.exists() else None
+        for row in _quality_rows(pipe, sampler, results):
+            if any(r["method"] == row.name and r["n"] == n for r in rows):
+                continue
+            if row.spec is None:
+                rows.append({"sampler": sampler, "method": row.name, "n": n, **row.info})
+                print(f"  {row.name}: refused: {row.info['refused']}", flush=True)
+                save()
+                continue
+            with (row.context or contextlib.nullcontext)():
+                samples = sample_images(pipe, row.spec, n, batch_size=50)
+            if full is None:
+                full = samples.images
+                torch.save(full, cache)
+            entry = {"sampler": sampler, "method": row.name, "n": n, "flops": _row_flops(pipe, sampler, row),
+                     "seconds": samples.wall_s, **_score(samples.images, None if row.name.endswith("full UNet")
+                                                         else full, clf, ref), **row.info}
+            rows.append(entry)
+            print(f"  {row.name:58s} FLOPs {entry['flops']:5.3f}  FD {entry['fd']:7.3f}  "
+                  f"PSNR {entry['psnr_vs_full']:6.2f} dB  {samples.wall_s:6.1f} s", flush=True)
+            save()
 
 
 def matched_pairs(rows: list[dict]) -> list[dict]:
-    """Each encoder-propagation row beside the DeepCache row with the nearest UNet FLOPs (pure function)."""
-    deepcache = [r for r in rows if r["method"].startswith("DeepCache")]
+    """Per sampler and budget: DeepCache's row nearest the budget beside fastdiff's best plan within its FLOPs + 0.02
+    (the calibrated and shallow rows; pure function)."""
     pairs = []
-    for row in rows:
-        if row["method"] == "full UNet" or row["method"].startswith("DeepCache") or not deepcache:
+    for sampler in dict.fromkeys(r["sampler"] for r in rows if "sampler" in r):
+        mine = [r for r in rows if r.get("sampler") == sampler and "flops" in r]
+        full = next((r for r in mine if r["method"].endswith("full UNet")), None)
+        deepcache = [r for r in mine if "DeepCache I=" in r["method"] and "calibrated" not in r["method"]]
+        ours = [r for r in mine if "calibrated" in r["method"]]
+        if full is None or not deepcache:
             continue
-        other = min(deepcache, key=lambda r: abs(r["flops"] - row["flops"]))
-        pairs.append(
-            {
-                "fastdiff": row["method"],
-                "fastdiff_flops": row["flops"],
-                "fastdiff_psnr": row["psnr_vs_full"],
-                "deepcache": other["method"],
-                "deepcache_flops": other["flops"],
-                "deepcache_psnr": other["psnr_vs_full"],
-            }
-        )
+        for budget in BUDGETS:
+            other = min(deepcache, key=lambda r: abs(r["flops"] - budget))
+            fits = [r for r in ours if r["flops"] <= other["flops"] + 0.02]
+            best = max(fits, key=lambda r: r["psnr_vs_full"], default=None)
+            pairs.append({"sampler": sampler, "budget": budget, "deepcache": other["method"],
+                          "deepcache_flops": other["flops"], "deepcache_psnr": other["psnr_vs_full"],
+                          "deepcache_fd_change": other["fd"] / full["fd"] - 1,
+                          "fastdiff": best["method"] if best else None,
+                          "fastdiff_flops": best["flops"] if best else None,
+                          "fastdiff_psnr": best["psnr_vs_full"] if best else None,
+                          "fastdiff_fd_change": best["fd"] / full["fd"] - 1 if best else None})
     return pairs
 
 
-def latency_table(batches=(1, 8), repeats: int = 3) -> list[dict] | None:
-    """Wall time of one DDIM-50 call on the reference model at small batch: parallel decoding vs DeepCache.
+# ------------------------------------------------------------------------------- 6. diffusers' own caches
+def _timestep_recorder(pipe):
+    """A diffusers hook on the UNet: keeps the current timestep (for the caches' callbacks) and resets the
+    stateful cache hooks when a new pipeline call starts (UNet2DConditionModel has no CacheMixin to do it)."""
+    from diffusers.hooks import HookRegistry, ModelHook
 
-    At batch 1 this tiny UNet is bound by per-call overhead, as a large GPU is at small batch: the regime in
-    which the paper's parallel decoding gains more than the FLOPs. Round-robin over the methods, best of
-    `repeats`.
-    """
+    class Recorder(ModelHook):
+        def __init__(self) -> None:
+            super().__init__()
+            self.timestep, self.timesteps = 0, None
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.timestep = int(kwargs.get("timestep", args[1] if len(args) > 1 else 0))
+            if pipe.scheduler.timesteps is not self.timesteps:
+                self.timesteps = pipe.scheduler.timesteps
+                HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks(recurse=True)
+            return args, kwargs
+
+    return Recorder()
+
+
+def _cache_configs(callback) -> dict[str, tuple[Callable[[], Any], Any]]:
+    """diffusers cache name -> (config factory, apply function), at their documented defaults plus the callbacks
+    (a config whose own checks refuse these defaults raises when made, and that is recorded too)."""
+    import diffusers
+    from diffusers import hooks
+
+    return {
+        "PyramidAttentionBroadcast": (lambda: diffusers.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, cross_attention_block_skip_range=2,
+            current_timestep_callback=callback), hooks.apply_pyramid_attention_broadcast),
+        "FasterCache": (lambda: diffusers.FasterCacheConfig(current_timestep_callback=callback),
+                        hooks.apply_faster_cache),
+        "FirstBlockCache": (lambda: diffusers.FirstBlockCacheConfig(threshold=0.05), hooks.apply_first_block_cache),
+        "TaylorSeerCache": (lambda: diffusers.TaylorSeerCacheConfig(), hooks.apply_taylorseer_cache),
+        "MagCache": (lambda: diffusers.MagCacheConfig(calibrate=True), hooks.apply_mag_cache),
+    }
+
+
+def _hook_names(unet) -> set[tuple[str, str]]:
+    return {(name, hook) for name, m in unet.named_modules() if getattr(m, "_diffusers_hook", None)
+            for hook in m._diffusers_hook._hook_order}
+
+
+class _DiffusersCache:
+    """A diffusers cache hook on the reference UNet (plus the timestep recorder) as a context manager."""
+
+    def __init__(self, pipe, name: str) -> None:
+        self.pipe, self.name = pipe, name
+
+    def __enter__(self):
+        from diffusers.hooks import HookRegistry
+
+        unet = self.pipe.unet
+        self.recorder = _timestep_recorder(self.pipe)
+        before = _hook_names(unet)
+        make_config, apply_cache = _cache_configs(lambda: self.recorder.timestep)[self.name]
+        try:
+            apply_cache(unet, make_config())
+        finally:  # a failed apply leaves nothing behind either
+            self.added = _hook_names(unet) - before
+        HookRegistry.check_if_exists_or_initialize(unet).register_hook(self.recorder, "bench_timestep")
+        return self
+
+    def __exit__(self, *exc):
+        modules = dict(self.pipe.unet.named_modules())
+        self.pipe.unet._diffusers_hook.remove_hook("bench_timestep", recurse=False)
+        for name, hook in self.added:
+            modules[name]._diffusers_hook.remove_hook(hook, recurse=False)
+
+
+
+def caches_table(pipe=None) -> list[dict]:
+    """Which diffusers caches attach to the reference UNet2DConditionModel, and whether a call then runs."""
+    pipe = pipe or _reference_pipe()
+    rows = []
+    for name in _cache_configs(lambda: 0):
+        row = {"cache": name}
+        try:
+            pipe.unet.enable_cache(_cache_configs(lambda: 0)[name][0]())
+            row["enable_cache"] = "ok"
+        except Exception as err:  # record the refusal as diffusers words it
+            row["enable_cache"] = f"{type(err).__name__}: {err}"
+        attached = _DiffusersCache(pipe, name)
+        try:
+            with attached, torch.no_grad():
+                row["hooks"] = len(attached.added)
+                if attached.added:
+                    pipe(class_labels=[3], guidance_scale=GUIDANCE, num_inference_steps=10, output_type="pt",
+                         generator=torch.Generator().manual_seed(0))
+            row["apply"] = "ok" if attached.added else "attached no hook"
+        except Exception as err:
+            row["apply"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            modules = dict(pipe.unet.named_modules())
+            for module_name, hook in getattr(attached, "added", ()):  # apply raised inside __enter__
+                modules[module_name]._diffusers_hook.remove_hook(hook, recurse=False)
+        rows.append(row)
+        print(f"  {name}: enable_cache: {row['enable_cache'][:80]} | apply: {row['apply'][:120]}", flush=True)
+    return rows
+
+
+def _diffusers_cache_rows(pipe, sampler: str, results: dict) -> list[Row]:
+    """Quality rows for the diffusers caches that attached and ran in the caches part."""
+    working = [r["cache"] for r in results.get("caches") or [] if r.get("apply") == "ok"]
+    return [Row(f"{sampler} | diffusers {name}", _spec(sampler, f"{sampler} | diffusers {name}"),
+                lambda name=name: _DiffusersCache(pipe, name)) for name in working]
+
+
+# ---------------------------------------------------------------------------- 7. calibration, SD-shaped UNet
+def sd_calibration(budgets=(0.75, 0.9)) -> dict:
+    """`calibrate` on the SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5): drift, FLOPs, plans."""
     from diffusers import DDIMScheduler
 
-    from fastdiff.models import WEIGHTS_DIR, load_reference_pipeline
+    from fastdiff.hooks.calibrate import calibrate, choose_plan
 
-    if not (Path(WEIGHTS_DIR) / "reference_unet.safetensors").exists():
-        return None
-    pipe = load_reference_pipeline()
+    pipe = _mid_pipeline()
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    methods = _quality_methods(pipe, parallel=True)
-    methods.pop("fd50 + noise injection")  # same cost as fd50
-    rows = []
-    for batch in batches:
+    embeds = torch.randn(4, 77, 256, generator=torch.Generator().manual_seed(0))
+    result = calibrate(pipe, STEPS, max(budgets), 4, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(
+        embeds), height=64, width=64, guidance_scale=7.5)
+    record = result.metadata()
+    drift = {int(d): v for d, v in record["drift"].items()}
+    non_key = {int(d): f for d, f in record["non_key_flops"].items()}
+    plans = {}
+    for budget in budgets:
+        try:
+            depth, plan = choose_plan(drift, result.key_flops, non_key, budget, result.weights)
+            plans[str(budget)] = {"recompute_shallow": depth, "key_steps": plan.key_steps,
+                                  "flops_fraction": plan.flops_fraction, "predicted_error": plan.predicted_error}
+        except ValueError as err:
+            plans[str(budget)] = {"refused": str(err)}
+    print(f"  SD-shaped UNet: calibration {result.seconds:.1f} s, plans {plans}", flush=True)
+    return {**record, "budget_plans": plans}
 
-        def run(batch=batch) -> None:
-            pipe(
-                class_labels=[i % 10 for i in range(batch)],
-                guidance_scale=1.0,
-                num_inference_steps=STEPS,
-                output_type="pt",
-                generator=torch.Generator().manual_seed(0),
-            )
 
-        wall: dict[str, list[float]] = {name: [] for name in methods}
-        for _ in range(repeats):
-            for name, context in methods.items():
-                with torch.no_grad(), context():
-                    run()  # warm-up
-                    start = time.perf_counter()
-                    run()
-                    wall[name].append(time.perf_counter() - start)
-        base = min(wall["full UNet"])
-        for name in methods:
-            label = name if name.startswith(("full", "DeepCache")) else f"{name}, parallel"
-            seconds = min(wall[name])
-            rows.append({"batch": batch, "method": label, "seconds": seconds, "speedup": base / seconds})
-            print(f"  batch {batch}  {label:48s} {seconds:6.3f} s  {base / seconds:4.2f}x", flush=True)
-    return rows
+# --------------------------------------------------------------------------------------------- 5. latency
+def _parallel(spec):
+    """The row with parallel decoding where it applies (encoder propagation without shallow recompute)."""
+    ep = spec.encoder_propagation
+    if not ep or ep.get("recompute_shallow", 0):
+        return spec
+    return dataclasses.replace(spec, encoder_propagation={**ep, "parallel": True})
+
+
+def latency_table(results: dict, save: Callable[[], None], samplers: list[str], batches=(1, 8),
+                  repeats: int = 3) -> None:
+    """Wall time of one call at small batch through the harness (`sample_images`), parallel decoding where it
+    applies; round-robin over the rows, best of `repeats`. Resumable per (sampler, batch)."""
+    from fastdiff.eval.generate import sample_images
+
+    pipe = _reference_pipe()
+    rows = results.setdefault("latency", [])
+    rows[:] = [r for r in rows if "sampler" in r]
+    for sampler in samplers:
+        methods = [m for m in _quality_rows(pipe, sampler, results) if m.spec is not None]
+        for batch in batches:
+            if any(r["sampler"] == sampler and r["batch"] == batch for r in rows):
+                continue
+            wall: dict[str, list[float]] = {m.name: [] for m in methods}
+            for _ in range(repeats):
+                for m in methods:
+                    spec = _parallel(m.spec)
+                    with (m.context or contextlib.nullcontext)():
+                        sample_images(pipe, spec, batch, batch_size=batch)  # warm-up
+                        wall[m.name].append(sample_images(pipe, spec, batch, batch_size=batch).wall_s)
+            base = min(wall[methods[0].name])
+            for m in methods:
+                parallel = _parallel(m.spec) is not m.spec
+                rows.append({"sampler": sampler, "batch": batch, "method": m.name + (", parallel" if parallel else ""),
+                             "seconds": min(wall[m.name]), "speedup": base / min(wall[m.name])})
+                print(f"  batch {batch}  {rows[-1]['method']:64s} {rows[-1]['seconds']:6.3f} s "
+                      f"{rows[-1]['speedup']:4.2f}x", flush=True)
+            save()
 
 
 # --------------------------------------------------------------------------------------------- 3. premise
@@ -425,16 +650,11 @@ class _OutputRecorder(ModelHook):
 
 def premise_table(n: int = 50) -> list[dict] | None:
     """Faster Diffusion's premise on the reference model: relative change of each UNet part's output per step."""
-    from diffusers import DDIMScheduler
     from diffusers.hooks import HookRegistry
 
-    from fastdiff.models import WEIGHTS_DIR, load_reference_pipeline
+    from fastdiff.eval.generate import sample_images
 
-    if not (Path(WEIGHTS_DIR) / "reference_unet.safetensors").exists():
-        return None
-    pipe = load_reference_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = _reference_pipe()
     unet = pipe.unet
     parts = [("conv_in", unet.conv_in)] + [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
     parts += [("mid_block", unet.mid_block)] + [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
@@ -443,13 +663,7 @@ def premise_table(n: int = 50) -> list[dict] | None:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(recorders[name], "fastdiff_bench_rec")
     try:
         with torch.no_grad():
-            pipe(
-                class_labels=[i % 10 for i in range(n)],
-                guidance_scale=1.0,
-                num_inference_steps=STEPS,
-                output_type="pt",
-                generator=[torch.Generator().manual_seed(i) for i in range(n)],
-            )
+            sample_images(pipe, _spec("DDIM-50", "full UNet"), n, batch_size=n)
     finally:
         for _, module in parts:
             module._diffusers_hook.remove_hook("fastdiff_bench_rec", recurse=False)
@@ -480,13 +694,116 @@ def premise_table(n: int = 50) -> list[dict] | None:
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _md_quality(results: dict) -> list[str]:
+    rows = [r for r in results.get("quality") or [] if "sampler" in r]
+    if not rows:
+        return []
+    n = rows[0]["n"]
+    lines = [
+        f"## Quality, reference digit model, N={n} (seeds 0-{n - 1}, labels i % 10, guidance {GUIDANCE}), FD on the "
+        "digit classifier's features vs 1,000 held-out digits",
+        "",
+        "Generated and scored through the harness (`MethodSpec`, `sample_images`, `fastdiff.eval.metrics`). UNet "
+        "FLOPs: FlopCounterMode over a whole batch-1 call, relative to the full UNet (the speed-up bound is its "
+        "reciprocal). PSNR: to the full-UNet images of the same seeds. Wall: the N-image run (batches of 50, "
+        "sequential decoding); noisy on a shared machine. Calibrated rows: `calibrate` once per sampler (4 images, "
+        f"seeds {CALIBRATION_SEED}-{CALIBRATION_SEED + 3}), plans per budget from its drift table; `@ DeepCache ...` "
+        "= the budget is that DeepCache row's FLOPs.",
+        "",
+        "| sampler | method | UNet FLOPs | FD | FD change | PSNR vs full (dB) | wall s | plan |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    full = {r["sampler"]: r["fd"] for r in rows if r["method"].endswith("full UNet") and "fd" in r}
+    for r in rows:
+        method = r["method"].split(" | ", 1)[1]
+        if "refused" in r:
+            lines.append(f"| {r['sampler']} | {method} | - | - | - | - | - | refused: {r['refused']} |")
+            continue
+        plan = (f"depth {r['recompute_shallow']}, {len(r['key_steps'])} key steps" if "key_steps" in r else "")
+        change = r["fd"] / full[r["sampler"]] - 1 if r["sampler"] in full else float("nan")
+        lines.append(f"| {r['sampler']} | {method} | {r['flops']:.3f} | {r['fd']:.3f} | {change:+.1%} | "
+                     f"{r['psnr_vs_full']:.2f} | {r['seconds']:.1f} | {plan} |")
+    return lines + [""] + _md_pairs(rows)
+
+
+def _md_pairs(rows: list[dict]) -> list[str]:
+    pairs = matched_pairs(rows)
+    if not pairs:
+        return []
+    lines = ["### At matched UNet FLOPs: fastdiff's best plan against DeepCache",
+             "",
+             "Per budget: the DeepCache row with the nearest FLOPs, and the calibrated row (with or without shallow "
+             "recompute) closest to the full-UNet images among those within DeepCache's FLOPs + 0.02. Goal: PSNR >= "
+             "DeepCache's - 0.02 dB and FD change <= +5%.",
+             "",
+             "| sampler | budget | DeepCache | FLOPs | PSNR | FD change | fastdiff | FLOPs | PSNR | FD change | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        dc = p["deepcache"].split(" | ")[1]
+        if p["fastdiff"] is None:
+            lines.append(f"| {p['sampler']} | {p['budget']} | {dc} | {p['deepcache_flops']:.3f} | "
+                         f"{p['deepcache_psnr']:.2f} | {p['deepcache_fd_change']:+.1%} | no plan fits | | | | missed |")
+            continue
+        met = p["fastdiff_psnr"] >= p["deepcache_psnr"] - 0.02 and p["fastdiff_fd_change"] <= 0.05
+        lines.append(f"| {p['sampler']} | {p['budget']} | {dc} | {p['deepcache_flops']:.3f} | "
+                     f"{p['deepcache_psnr']:.2f} | {p['deepcache_fd_change']:+.1%} | "
+                     f"{p['fastdiff'].split(' | ')[1]} | {p['fastdiff_flops']:.3f} | {p['fastdiff_psnr']:.2f} | "
+                     f"{p['fastdiff_fd_change']:+.1%} | {'met' if met else 'missed'} |")
+    return lines + [""]
+
+
+def _md_calibration(results: dict) -> list[str]:
+    lines = []
+    for sampler, record in (results.get("calibration") or {}).items():
+        if not lines:
+            lines += ["## Calibration (`fastdiff.hooks.calibrate`), reference model", "",
+                      "| sampler | seconds | key step GFLOPs | non-key GFLOPs by recompute depth |",
+                      "|---|---|---|---|"]
+        depths = ", ".join(f"{d}: {f / 1e9:.3f}" for d, f in record["non_key_flops"].items())
+        lines.append(f"| {sampler} | {record['seconds']:.1f} | {record['key_flops'] / 1e9:.3f} | {depths} |")
+    sd = results.get("sd_calibration")
+    if sd:
+        lines += ["", f"SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5, 4 images): calibration "
+                      f"{sd['seconds']:.1f} s; key step {sd['key_flops'] / 1e9:.2f} GFLOPs; non-key by depth "
+                      + ", ".join(f"{d}: {f / sd['key_flops']:.3f}" for d, f in sd["non_key_flops"].items())
+                      + " of a key step.", ""]
+        for budget, plan in sd["budget_plans"].items():
+            text = plan.get("refused") or (f"recompute_shallow={plan['recompute_shallow']}, key steps "
+                                           f"{plan['key_steps']}, FLOPs {plan['flops_fraction']:.3f}")
+            lines.append(f"- budget {budget}: {text}")
+    return lines + ([""] if lines else [])
+
+
+def _md_caches(results: dict) -> list[str]:
+    rows = results.get("caches")
+    if not rows:
+        return []
+    lines = ["## diffusers' own caches on the reference UNet2DConditionModel", "",
+             "| cache | `unet.enable_cache(config)` | `diffusers.hooks.apply_*(unet, config)`, then a 10-step call "
+             "| hooks |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['cache']} | {r['enable_cache']} | {r['apply']} | {r.get('hooks', '-')} |" for r in rows]
+    return lines + [""]
+
+
+def _md_latency(results: dict) -> list[str]:
+    rows = [r for r in results.get("latency") or [] if "sampler" in r]
+    if not rows:
+        return []
+    lines = ["## Wall time on the reference model at small batch (harness calls, parallel decoding where it applies, "
+             "best of 3)", "", "| sampler | batch | method | wall s | speed-up |", "|---|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['batch']} | {r['method'].split(' | ', 1)[1]} | {r['seconds']:.3f} | "
+              f"{r['speedup']:.2f}x |" for r in rows]
+    return lines + [""]
+
+
 def _markdown(results: dict) -> str:
     env = results["env"]
     lines = [
         "# Encoder propagation (Faster Diffusion) benchmark",
         "",
         f"torch {env['torch']}, diffusers {env['diffusers']}, {env['cpu']}, {env['threads']} threads; "
-        f"{STEPS} DDIM steps; measured {results['date']}.",
+        f"measured {results['date']}.",
         "",
     ]
     if results.get("flops"):
@@ -520,51 +837,7 @@ def _markdown(results: dict) -> str:
             for r in results["speed"]
         ]
         lines.append("")
-    if results.get("quality"):
-        lines += [
-            f"## Quality, reference digit model, N={results['n']} (seeds 0-{results['n'] - 1}, labels i % 10, "
-            f"guidance {results.get('guidance', 2.0)}, DDIM 50 steps), FD on the digit classifier's features "
-            "vs 1,000 held-out digits",
-            "",
-            "UNet FLOPs: FlopCounterMode over a whole 50-step batch-1 call, relative to the full UNet (the speed-up "
-            "bound is its reciprocal). Wall: the N-image run (batches of 100, sequential decoding) vs the full "
-            "UNet's; noisy on this shared 2-core machine.",
-            "",
-            "| method | UNet FLOPs | FD | FD change | PSNR vs full (dB) | wall speed-up |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['method']} | {r.get('flops', float('nan')):.3f} | {r['fd']:.3f} | {r['fd_change']:+.1%} | "
-            f"{r['psnr_vs_full']:.2f} | {r['speedup']:.2f}x |"
-            for r in results["quality"]
-        ]
-        pairs = matched_pairs(results["quality"]) if all("flops" in r for r in results["quality"]) else []
-        if pairs:
-            lines += [
-                "",
-                "### At matched UNet FLOPs: which is closer to the full-UNet images",
-                "",
-                "| encoder propagation | FLOPs | PSNR | nearest DeepCache | FLOPs | PSNR | closer |",
-                "|---|---|---|---|---|---|---|",
-            ]
-            lines += [
-                f"| {p['fastdiff']} | {p['fastdiff_flops']:.3f} | {p['fastdiff_psnr']:.2f} | {p['deepcache']} | "
-                f"{p['deepcache_flops']:.3f} | {p['deepcache_psnr']:.2f} | "
-                f"{'fastdiff' if p['fastdiff_psnr'] > p['deepcache_psnr'] else 'DeepCache'} |"
-                for p in pairs
-            ]
-        lines.append("")
-    if results.get("latency"):
-        lines += [
-            "## Wall time on the reference model at small batch (DDIM-50, parallel decoding, best of 3)",
-            "",
-            "| batch | method | wall s | speed-up |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['batch']} | {r['method']} | {r['seconds']:.3f} | {r['speedup']:.2f}x |" for r in results["latency"]
-        ]
-        lines.append("")
+    lines += _md_quality(results) + _md_calibration(results) + _md_caches(results) + _md_latency(results)
     if results.get("premise"):
         lines += [
             "## Premise: relative change of each UNet part's output between adjacent steps (reference model)",
@@ -580,49 +853,46 @@ def _markdown(results: dict) -> str:
             for r in results["premise"]
         ]
         lines.append("")
-    elif "quality" in results:
-        lines += ["## Quality", "", "Not measured: the trained reference weights were not present.", ""]
     return "\n".join(lines)
+
+
+PARTS = "flops,speed,premise,caches,quality,latency,sdcal"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="flops,speed,premise,quality,latency")
+    parser.add_argument("--parts", default=PARTS, help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--n", type=int, default=500, help="images per method for the quality part")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", default=str(OUT), help="folder of results.json / results.md (resumed)")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS), help="quality and latency samplers")
+    parser.add_argument("--repeats", type=int, default=1, help="repeats of the speed part")
     parser.add_argument("--batches", default="1,4", help="batch sizes for the speed part")
     args = parser.parse_args()
-    parts = set(args.parts.split(","))
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "results.json"
+    parts, samplers = set(args.parts.split(",")), args.samplers.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results.update({"env": _env(), "date": time.strftime("%Y-%m-%d %H:%M"), "steps": STEPS})
+    results.update({"env": _env(), "date": time.strftime("%Y-%m-%d %H:%M")})
 
-    def save() -> None:  # after every part, so a long run keeps what it measured
+    def save() -> None:  # after every row or part, so a long run keeps what it measured
         path.write_text(json.dumps(results, indent=2, default=float))
-        (OUT / "results.md").write_text(_markdown(results))
+        (out / "results.md").write_text(_markdown(results))
 
-    if "flops" in parts:
-        print("FLOPs:", flush=True)
-        results["flops"] = flops_table()
-        save()
-    if "premise" in parts:
-        print("premise:", flush=True)
-        results["premise"] = premise_table()
-        save()
-    if "quality" in parts:
-        print("quality:", flush=True)
-        results["quality"], results["n"], results["guidance"] = quality_table(args.n), args.n, 1.0
-        save()
-    if "latency" in parts:
-        print("latency:", flush=True)
-        results["latency"] = latency_table()
-        save()
-    if "speed" in parts:
-        print("speed:", flush=True)
-        results["speed"] = speed_table(batches=tuple(int(b) for b in args.batches.split(",")), repeats=args.repeats)
-        results["deepcache"] = _deepcache_available()
-        save()
+    steps = [("flops", lambda: results.update(flops=flops_table())),
+             ("premise", lambda: results.update(premise=premise_table())),
+             ("caches", lambda: results.update(caches=caches_table())),
+             ("quality", lambda: quality_table(args.n, results, out, save, samplers)),
+             ("latency", lambda: latency_table(results, save, samplers)),
+             ("sdcal", lambda: results.update(sd_calibration=sd_calibration())),
+             ("speed", lambda: results.update(speed=speed_table(
+                 batches=tuple(int(b) for b in args.batches.split(",")), repeats=args.repeats),
+                 deepcache=_deepcache_available()))]
+    for name, step in steps:
+        if name in parts:
+            print(f"{name}:", flush=True)
+            step()
+            save()
     print(_markdown(results))
 
 

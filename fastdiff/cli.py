@@ -1,4 +1,4 @@
-"""The `fastdiff` command line: sample | search | eval {ref,fid,sweep} | train-reference | train-value | demo.
+"""The `fastdiff` command line: sample | search | calibrate | eval {ref,fid,sweep} | train-{reference,value} | demo.
 
 The commands live in `fastdiff.commands` (one module each, argparse only there); only the module of the
 command being run is imported. This entry point turns bad input (a `ValueError` or `FileNotFoundError`

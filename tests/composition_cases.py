@@ -4,6 +4,7 @@ Members of a stack (any subset, applied in the order given, one `fastdiff.apply`
 - "dpm": fastdiff's DPM-Solver++ (SDE variant under SVDD, which needs a stochastic step) with `timesteps=`;
   without it the stack samples with DDIM (DDPM under SVDD) for `STEPS` steps;
 - "ep" / "ep_parallel": encoder propagation with sparse key steps, sequential / parallel decoding;
+- "ep_shallow": the same key steps with shallow recompute (conv_in and two encoder layers run at every step);
 - "block_skip": AutoDiffusion layer skips at three steps;
 - "svdd1", "svdd3" (SVDD-PM with M = 1, 3), "svdd3_mc" (SVDD-MC, M = 3, a fixed value function), and
   each with "_chunked" (max_batch = 1): `svdd_sample` instead of `pipe(...)`;
@@ -28,6 +29,8 @@ HOOKS = {
     "ep": EncoderPropagationConfig(key_steps=[0, 1, 3]),
     "ep_all_keys": EncoderPropagationConfig(key_steps=1),
     "ep_parallel": EncoderPropagationConfig(key_steps=[0, 1, 3], parallel=True),
+    "ep_shallow": EncoderPropagationConfig(key_steps=[0, 1, 3], recompute_shallow=2),
+    "ep_shallow_all_keys": EncoderPropagationConfig(key_steps=1, recompute_shallow=2),
     "block_skip": BlockSkipConfig(skips=[(1, 0), (2, 3), (4, 5)]),
 }
 

@@ -81,14 +81,15 @@ class _Calls:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("guidance", GUIDANCE)
 @pytest.mark.parametrize("dpm", [(), ("dpm",)])
-def test_hooks_do_not_depend_on_the_order_applied(pipes, kind, guidance, dpm):
+@pytest.mark.parametrize("ep", ["ep", "ep_shallow"])
+def test_hooks_do_not_depend_on_the_order_applied(pipes, kind, guidance, dpm, ep):
     pipe = pipes[kind]
-    one = cases.run(pipe, kind, guidance, (*dpm, "ep", "block_skip"))
-    other = cases.run(pipe, kind, guidance, (*dpm, "block_skip", "ep"))
+    one = cases.run(pipe, kind, guidance, (*dpm, ep, "block_skip"))
+    other = cases.run(pipe, kind, guidance, (*dpm, "block_skip", ep))
     assert torch.equal(one, other)
     plain = cases.run(pipe, kind, guidance, dpm)
     assert not torch.equal(one, plain)  # both accelerators really acted
-    assert not torch.equal(one, cases.run(pipe, kind, guidance, (*dpm, "ep")))
+    assert not torch.equal(one, cases.run(pipe, kind, guidance, (*dpm, ep)))
     assert _fastdiff_hooks(pipe.unet) == []
 
 
@@ -101,14 +102,15 @@ def test_exact_references(pipes, kind, guidance):
         _close(cases.run(pipe, kind, guidance, (*dpm, "ep_parallel")), cases.run(pipe, kind, guidance, (*dpm, "ep")))
         # every step a key step: encoder propagation changes nothing, whatever it is stacked with
         for other in ((), ("block_skip",)):
-            assert torch.equal(cases.run(pipe, kind, guidance, (*dpm, *other, "ep_all_keys")),
-                               cases.run(pipe, kind, guidance, (*dpm, *other)))
+            plain = cases.run(pipe, kind, guidance, (*dpm, *other))
+            for ep in ("ep_all_keys", "ep_shallow_all_keys"):
+                assert torch.equal(cases.run(pipe, kind, guidance, (*dpm, *other, ep)), plain)
 
 
 # --- SVDD on top of every hook ------------------------------------------------------------------------------
 
 
-HOOK_SETS = [(), ("ep",), ("ep_parallel",), ("block_skip",), ("ep", "block_skip")]
+HOOK_SETS = [(), ("ep",), ("ep_parallel",), ("block_skip",), ("ep", "block_skip"), ("ep_shallow", "block_skip")]
 # the whole matrix on the reference model; tiny SD (a real StableDiffusionPipeline, VAE-decoded rewards) at w = 3
 SVDD_CASES = [("reference", w, hooks) for w in GUIDANCE for hooks in HOOK_SETS]
 SVDD_CASES += [("tiny_sd", 3.0, hooks) for hooks in (("ep",), ("block_skip",))]
@@ -144,6 +146,8 @@ def test_refusals_come_before_any_unet_call(pipes):
     with _Calls(pipe.unet) as calls:
         with pytest.raises(ValueError, match="parallel=False"):
             fastdiff.apply(pipe, cases.HOOKS["ep_parallel"], cases.HOOKS["block_skip"])
+        with pytest.raises(ValueError, match="recomputed layers read the current latent"):
+            EncoderPropagationConfig(key_steps=[0, 1, 3], parallel=True, recompute_shallow=1)
         assert _fastdiff_hooks(pipe.unet) == []
         with fastdiff.apply(pipe, cases.HOOKS["block_skip"]):
             with pytest.raises(ValueError, match="parallel=False"):

@@ -12,13 +12,14 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-DESCRIPTION = "The `fastdiff` command line: sample | search | eval {ref,fid,sweep} | train-reference | train-value | " \
-              "demo."
+DESCRIPTION = "The `fastdiff` command line: sample | search | calibrate | eval {ref,fid,sweep} | train-reference | " \
+              "train-value | demo."
 
 # command -> one-line help
 COMMANDS: dict[str, str] = {
     "sample": "generate seeded images with a method into a folder",
     "search": "AutoDiffusion search of a step schedule",
+    "calibrate": "encoder propagation key steps measured for a model within a FLOPs budget",
     "eval ref": "reference statistics of a folder or of the held-out digits",
     "eval fid": "FD/KID of a folder against stats or another folder",
     "eval sweep": "run a sweep TOML: table, results.jsonl, Pareto plot",
@@ -34,6 +35,8 @@ def command_module(command: str) -> ModuleType:
         from fastdiff.commands import sample as module
     elif command == "search":
         from fastdiff.commands import search as module
+    elif command == "calibrate":
+        from fastdiff.commands import calibrate as module
     elif command == "eval ref":
         from fastdiff.commands import eval_ref as module
     elif command == "eval fid":

@@ -20,6 +20,11 @@ def json_object(text: str) -> dict:
     return value
 
 
+def json_object_or_path(text: str) -> dict | str:
+    """An argparse type: a JSON object, or else the path of a JSON file (kept as a path)."""
+    return json_object(text) if text.lstrip().startswith("{") else text
+
+
 def int_list(text: str) -> list[int]:
     """An argparse type: integers separated by commas or spaces."""
     return [int(t) for t in text.replace(",", " ").split()]
@@ -37,7 +42,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--eta", type=float, default=None)
     for key in ACCELERATORS:
-        g.add_argument(f"--{key.replace('_', '-')}", type=json_object, default=None, metavar="JSON")
+        if key == "encoder_propagation":  # also a config file from `fastdiff calibrate`
+            g.add_argument("--encoder-propagation", type=json_object_or_path, default=None, metavar="JSON|FILE")
+        else:
+            g.add_argument(f"--{key.replace('_', '-')}", type=json_object, default=None, metavar="JSON")
     g.add_argument("--name", default=None, help="method label (default: scheduler-steps)")
 
 

@@ -10,6 +10,7 @@ A method is one row of a sweep (`[[methods]]` in a sweep TOML, or flags of `fast
     guidance = 1.0                         # classifier-free guidance scale (default: the model's)
     eta = 0.0                              # DDIM eta, passed when the scheduler's `step` takes it
     encoder_propagation = { key_steps = "fd50", parallel = true }   # fastdiff.hooks (Faster Diffusion)
+    encoder_propagation = "calibrated.json"                         # or a config file (`fastdiff calibrate`)
     block_skip = { skips = [[3, 5], [4, 2]] }                       # fastdiff.hooks (AutoDiffusion stage 2)
     patch_parallel = { mode = "async", warmup_steps = 4 }           # fastdiff.parallel (DistriFusion / PCPP)
     svdd = { reward = "jpeg_compressibility", num_candidates = 8 }  # fastdiff.guidance (SVDD)
@@ -29,7 +30,7 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ class MethodSpec:
     schedule: str | None = None
     guidance: float | None = None
     eta: float | None = None
-    encoder_propagation: dict[str, Any] | None = None
+    encoder_propagation: dict[str, Any] | str | None = None
     block_skip: dict[str, Any] | None = None
     patch_parallel: dict[str, Any] | None = None
     svdd: dict[str, Any] | None = None
@@ -200,6 +201,10 @@ class MethodSpec:
                 f"method {self.name!r}: {self.scheduler}.set_timesteps takes no custom timesteps; use steps, or a "
                 "scheduler that does (DDPMScheduler, DPMSolverMultistepScheduler, fastdiff's DPM-Solver++)."
             )
+        if isinstance(self.encoder_propagation, str):  # a config file: its fields, so the row records what ran
+            module_name, class_name = ACCELERATORS["encoder_propagation"]
+            config_class = getattr(importlib.import_module(module_name), class_name)
+            self.encoder_propagation = asdict(config_class.from_json(self.encoder_propagation))
         for key in self.accelerators:
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"method {self.name!r}: {key} must be a table of options.")

@@ -143,6 +143,8 @@ def load_sweep(path: str | Path) -> SweepConfig:
         entry = dict(entry)
         if "schedule" in entry:
             entry["schedule"] = rel(entry["schedule"])
+        if isinstance(entry.get("encoder_propagation"), str):
+            entry["encoder_propagation"] = rel(entry["encoder_propagation"])
         methods.append(method_from_dict(entry))
     reference = ev.pop("reference", "heldout")
     if reference != "heldout":

@@ -7,9 +7,11 @@ from fastdiff.hooks.block_skip import (
     remove_block_skip,
     skippable_layers,
 )
+from fastdiff.hooks.calibrate import calibrate_key_steps
 from fastdiff.hooks.encoder_propagation import (
     EncoderPropagationConfig,
     apply_encoder_propagation,
+    encoder_layers,
     encoder_propagation,
     remove_encoder_propagation,
 )
@@ -20,7 +22,9 @@ __all__ = [
     "apply_block_skip",
     "apply_encoder_propagation",
     "block_skip",
+    "calibrate_key_steps",
     "encoder_propagation",
+    "encoder_layers",
     "remove_block_skip",
     "remove_encoder_propagation",
     "skippable_layers",

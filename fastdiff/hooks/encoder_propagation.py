@@ -11,6 +11,10 @@ Attached to an unchanged diffusers pipeline through `diffusers.hooks.HookRegistr
   "after ControlNet residuals are added", as in the paper;
 - a hook on the pipeline's ControlNet returns its key-step output at non-key steps without running.
 
+Shallow recompute (`recompute_shallow=k`): at non-key steps `conv_in` and the first k layers of the encoder
+ladder (`encoder_layers`: one layer per resnet(+attention) pair, one per downsampler, the mid block last) run
+on the current latent; only the deeper layers' outputs are replayed from the last key step.
+
 Parallel decoding: non-key decoders never read the latent, so at a key step the decoders of the whole
 following non-key group run as one batched UNet call (per-sample timesteps from `scheduler.timesteps`,
 chunked by `max_parallel_batch`), and the following steps are served from that batch.
@@ -28,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -46,6 +52,7 @@ PRESETS: dict[str, tuple[int, tuple[int, ...]]] = {
 }
 
 _RESIDUAL_KEYS = ("down_block_additional_residuals", "mid_block_additional_residual")
+JSON_FORMAT = "fastdiff.encoder_propagation"
 
 
 @dataclass
@@ -66,6 +73,10 @@ class EncoderPropagationConfig:
         max_parallel_batch (`int`, *optional*):
             the most non-key steps decoded in one batched pass (the pass's batch is this times the UNet's
             batch); `None` decodes a whole group at once.
+        recompute_shallow (`int`, defaults to `0`):
+            at non-key steps, recompute `conv_in` and the first k layers of `encoder_layers(unet)` on the current
+            latent and replay only the deeper ones; 0 replays the whole encoder, `len(encoder_layers(unet))`
+            recomputes all of it. Needs `parallel=False` (recomputed layers read the current latent).
     """
 
     key_steps: list[int] | int | Literal["fd50", "fd20"]
@@ -73,6 +84,7 @@ class EncoderPropagationConfig:
     noise_injection_alpha: float = 0.0
     noise_injection_tau: float = 500
     max_parallel_batch: int | None = None
+    recompute_shallow: int = 0
 
     def __post_init__(self) -> None:
         ks = self.key_steps
@@ -100,6 +112,38 @@ class EncoderPropagationConfig:
             not isinstance(self.max_parallel_batch, int) or self.max_parallel_batch < 1
         ):
             raise ValueError(f"max_parallel_batch={self.max_parallel_batch} must be None or an int >= 1.")
+        k = self.recompute_shallow
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"recompute_shallow={k!r} must be an int >= 0 (0 = replay the whole encoder).")
+        if k > 0 and self.parallel:
+            raise ValueError(
+                f"recompute_shallow={k} cannot run with parallel decoding: the recomputed layers read the current "
+                "latent, which a key step's batched pass does not have for the later steps. Use parallel=False, "
+                "or recompute_shallow=0."
+            )
+
+    def to_json(self, path: str | Path, **metadata: Any) -> Path:
+        """Write this config (and `metadata`, e.g. what a calibration measured) as JSON; return the path."""
+        data = {"format": JSON_FORMAT, "version": 1, "config": asdict(self), **metadata}
+        path = Path(path)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> EncoderPropagationConfig:
+        """A config written by `to_json` (or `fastdiff calibrate`), or a plain JSON object of its fields."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"encoder propagation config {path} does not exist (write one with `fastdiff calibrate`).")
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "format" in data:
+            if data["format"] != JSON_FORMAT or data.get("version") != 1:
+                raise ValueError(f"{path} is not a version-1 {JSON_FORMAT} file (format {data['format']!r}).")
+            data = data.get("config")
+        allowed = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or not set(data) <= allowed or "key_steps" not in data:
+            raise ValueError(f"{path} must hold an object with key_steps and any of {sorted(allowed)}.")
+        return cls(**data)
 
     def check_steps(self, num_steps: int) -> None:
         """Refuse key steps past a `num_steps`-step call (indices 0..num_steps-1)."""
@@ -149,6 +193,31 @@ def injection_v_coefficient(alpha_bar_t: float, alpha_bar_prev: float) -> float:
     return (s_t + injection_eps_coefficient(alpha_bar_t, alpha_bar_prev)) / a_t
 
 
+def encoder_layers(unet: torch.nn.Module) -> list[tuple[str, list[torch.nn.Module]]]:
+    """Faster Diffusion encoder as the ladder of `recompute_shallow`: its skip-producing layers, in order.
+
+    Each down block gives one layer per resnet (with its attention, if the block has them) and one for its
+    downsampler(s); the mid block is the last layer. Layer i's output is skip feature i + 1 (conv_in's is
+    skip 0), so `recompute_shallow=k` refreshes the first k + 1 skip features.
+    """
+    layers: list[tuple[str, list[torch.nn.Module]]] = []
+    for i, block in enumerate(unet.down_blocks):
+        resnets = getattr(block, "resnets", None)
+        attentions = getattr(block, "attentions", None) or [None] * len(resnets or [])
+        if resnets is None or len(attentions) != len(resnets):
+            raise ValueError(
+                f"down_blocks.{i} ({type(block).__name__}) is not a resnet(+attention) block: recompute_shallow "
+                "needs diffusers' down blocks; use recompute_shallow=0."
+            )
+        for j, (resnet, attention) in enumerate(zip(resnets, attentions)):
+            layers.append((f"down_blocks.{i}.layers.{j}", [m for m in (resnet, attention) if m is not None]))
+        if getattr(block, "downsamplers", None):
+            layers.append((f"down_blocks.{i}.downsamplers", list(block.downsamplers)))
+    if unet.mid_block is not None:
+        layers.append(("mid_block", [unet.mid_block]))
+    return layers
+
+
 def _tile(value: Any, m: int) -> Any:
     """Repeat every tensor in `value` (a tensor, or nested tuples/lists/dicts) m times along dim 0."""
     if torch.is_tensor(value):
@@ -195,6 +264,8 @@ class _PropagationState:
     def __init__(self, config: EncoderPropagationConfig, clock: StepClock) -> None:
         self.config = config
         self.clock = clock
+        self.depth = config.recompute_shallow  # layers of `encoder_layers` recomputed at non-key steps
+        self.probe: tuple[tuple[int, ...], Callable[[int, dict[int, torch.Tensor], torch.Tensor], None]] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -241,16 +312,22 @@ class _PropagationState:
 
 
 class EncoderPartHook(ModelHook):
-    """Faster Diffusion encoder part (conv_in, a down block, the mid block): record at key steps, replay otherwise."""
+    """Faster Diffusion encoder part (conv_in, a block, a layer): record at key steps, replay otherwise.
 
-    def __init__(self, state: _PropagationState, slot: str) -> None:
+    `first_layer` is the index in `encoder_layers` of the part's first layer (conv_in: 0): at a non-key step
+    the part is replayed when that layer is not recomputed (index >= the recompute depth), and runs otherwise
+    (a down block that holds recomputed layers runs, and its own layer hooks replay the deeper ones).
+    """
+
+    def __init__(self, state: _PropagationState, slot: str, first_layer: int = 0) -> None:
         super().__init__()
         self.state = state
         self.slot = slot
+        self.first_layer = first_layer
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         mode = self.state.mode
-        if mode == "serve":
+        if mode == "serve" and self.first_layer >= self.state.depth:
             return self.state.cache.features[self.slot]
         if mode == "tile":
             return _tile(self.state.cache.features[self.slot], self.state.repeat)
@@ -293,22 +370,48 @@ class EncoderPropagationHook(ModelHook):
                 raise ValueError("noise injection needs the same UNet batch at every step of a call.")
             call["sample"] = sample + state.config.noise_injection_alpha * cache.z_T
 
+        if state.depth and call.get("down_intrablock_additional_residuals") is not None:
+            raise ValueError(
+                "recompute_shallow > 0 cannot replay T2I-adapter residuals into the recomputed down blocks: use "
+                "EncoderPropagationConfig(recompute_shallow=0) with adapters."
+            )
+
         if step in state.keys or not cache.features:
+            probed = self._probe(call) if state.probe is not None and cache.features else None
             cache.residuals = {k: call.get(k) for k in _RESIDUAL_KEYS}
             output = self._run("record", call)
+            if probed is not None:
+                state.probe[1](step, probed, output[0])
             if state.config.parallel:
                 self._decode_group(call, step)
         elif step in cache.decoded and cache.decoded[step][0] == float(timestep):
             output = _with_sample(self._output_template(call), cache.decoded.pop(step)[1])
         else:
-            call.update(cache.residuals)
-            if "down_intrablock_additional_residuals" in call:
-                call["down_intrablock_additional_residuals"] = None  # already inside the recorded features
-            output = self._run("serve", call)
+            output = self._serve(call)
 
         if coefficient is not None:
             output = _with_sample(output, output[0] + coefficient * cache.z_T)
         return output
+
+    def _serve(self, call: dict[str, Any]):
+        """A non-key forward: the recorded encoder features (and ControlNet residuals) of the last key step."""
+        call = {**call, **self.state.cache.residuals}
+        if "down_intrablock_additional_residuals" in call:
+            call["down_intrablock_additional_residuals"] = None  # already inside the recorded features
+        return self._run("serve", call)
+
+    def _probe(self, call: dict[str, Any]) -> dict[int, torch.Tensor]:
+        """Calibration: this step's UNet output at each probed depth, served from the previous step's features."""
+        state = self.state
+        depths, _ = state.probe
+        outputs = {}
+        try:
+            for depth in depths:
+                state.depth = depth
+                outputs[depth] = self._serve(call)[0]
+        finally:
+            state.depth = state.config.recompute_shallow
+        return outputs
 
     @staticmethod
     def _output_template(call: dict[str, Any]):
@@ -381,15 +484,38 @@ class EncoderPropagationAttachment(Attachment):
         super().__init__(config)
         self.unet, self.controlnet = unet, controlnet
         self.state = _PropagationState(config, clock)
+        self.layers = encoder_layers(unet) if config.recompute_shallow else []
+        if config.recompute_shallow > len(self.layers):
+            raise ValueError(
+                f"recompute_shallow={config.recompute_shallow}, but this UNet's encoder has {len(self.layers)} layers "
+                f"(fastdiff.hooks.encoder_layers): use 0-{len(self.layers)}."
+            )
+
+    def set_probe(self, depths: Sequence[int],
+                  callback: Callable[[int, dict[int, torch.Tensor], torch.Tensor], None] | None) -> None:
+        """Calibration: at every key step after the first, also run the UNet with the previous step's features at each
+        recompute depth in `depths` and pass (step, {depth: output}, full output) to `callback` (None: stop)."""
+        if callback is not None and max(depths, default=0) > len(self.layers):
+            raise ValueError(f"probe depths {list(depths)} exceed the {len(self.layers)} layers hooked.")
+        self.state.probe = None if callback is None else (tuple(depths), callback)
 
     def hooks(self) -> list[HookSpec]:
         unet, state = self.unet, self.state
+        role = "encoder_propagation.encoder"
+        first: dict[str, int] = {}  # block -> index of its first layer in `encoder_layers`
+        layer_specs = []
+        for index, (name, modules) in enumerate(self.layers):
+            block = ".".join(name.split(".")[:2])
+            first.setdefault(block, index)
+            if block != "mid_block":
+                layer_specs += [HookSpec(role, m, EncoderPartHook(state, f"{name}.{k}", index))
+                                for k, m in enumerate(modules)]
         parts = [("conv_in", unet.conv_in)]
         parts += [(f"down_blocks.{i}", block) for i, block in enumerate(unet.down_blocks)]
         if unet.mid_block is not None:
             parts.append(("mid_block", unet.mid_block))
-        specs = [HookSpec("encoder_propagation.encoder", module, EncoderPartHook(state, slot))
-                 for slot, module in parts]
+        specs = [HookSpec(role, module, EncoderPartHook(state, slot, first.get(slot, 0))) for slot, module in parts]
+        specs += layer_specs
         specs.append(HookSpec("encoder_propagation.unet", unet, EncoderPropagationHook(state)))
         if self.controlnet is not None:
             specs.append(HookSpec("encoder_propagation.controlnet", self.controlnet, ControlNetPropagationHook(state)))
