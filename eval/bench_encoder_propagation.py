@@ -140,6 +140,7 @@ def _mid_pipeline():
     from fastdiff.testing import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline()
+    # not harness: random weights of the SD-shaped speed UNet
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=32, block_out_channels=(64, 128, 256, 256), cross_attention_dim=256)
     pipe.register_modules(unet=unet.eval())
@@ -188,6 +189,7 @@ def speed_table(batches=(1, 4), repeats: int = 1) -> list[dict]:
     pipe = _mid_pipeline()
     rows = []
     for batch in batches:
+        # not harness: speed on the SD-shaped UNet takes prompt embeddings, which the harness does not feed
         embeds = torch.randn(batch, 77, 256, generator=torch.Generator().manual_seed(0))
         negative = torch.zeros_like(embeds)
 
@@ -200,6 +202,7 @@ def speed_table(batches=(1, 4), repeats: int = 1) -> list[dict]:
                 width=64,
                 guidance_scale=7.5,
                 output_type="latent",
+                # not harness: one latent for the speed runs on the SD-shaped UNet
                 generator=torch.Generator().manual_seed(0),
             ).images
 
@@ -309,11 +312,13 @@ def _calibration(pipe, sampler: str, results: dict) -> dict:
 
         s = SAMPLERS[sampler]
         original = pipe.scheduler
+        # not harness: calibration runs under the sampler's scheduler (a measurement, not scored images)
         pipe.scheduler = scheduler_class(s["scheduler"]).from_config(original.config, **s.get("scheduler_kwargs", {}))
         try:
             result = calibrate(pipe, s["steps"], max(BUDGETS), 4, seed=CALIBRATION_SEED, class_labels=[0, 3, 6, 9],
                                guidance_scale=GUIDANCE)
         finally:
+            # not harness: the calibration's scheduler swap is undone here
             pipe.scheduler = original
         record = result.metadata()
         results["calibration"][sampler] = record
@@ -547,6 +552,7 @@ def caches_table(pipe=None) -> list[dict]:
                 row["hooks"] = len(attached.added)
                 if attached.added:
                     pipe(class_labels=[3], guidance_scale=GUIDANCE, num_inference_steps=10, output_type="pt",
+                         # not harness: a 10-step smoke call checks that a diffusers cache attaches
                          generator=torch.Generator().manual_seed(0))
             row["apply"] = "ok" if attached.added else "attached no hook"
         except Exception as err:
@@ -575,7 +581,9 @@ def sd_calibration(budgets=(0.75, 0.9)) -> dict:
 
     pipe = _mid_pipeline()
     pipe.set_progress_bar_config(disable=True)
+    # not harness: calibration of the SD-shaped random-weight UNet (drift and FLOPs only)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # not harness: calibration of the SD-shaped random-weight UNet (drift and FLOPs only)
     embeds = torch.randn(4, 77, 256, generator=torch.Generator().manual_seed(0))
     result = calibrate(pipe, STEPS, max(budgets), 4, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(
         embeds), height=64, width=64, guidance_scale=7.5)

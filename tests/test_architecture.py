@@ -136,9 +136,7 @@ BENCHMARKS = sorted((ROOT / "eval").glob("bench_*.py"))
 # subset) says why in a comment on it or on the line above.
 NOT_HARNESS = "# not harness:"
 # benchmarks still on their own loops, and why; remove an entry once its script is moved
-PENDING = {
-    "bench_encoder_propagation.py": "moved onto the harness in its own branch of issue #16",
-}
+PENDING: dict[str, str] = {}
 OWN_CALLS = ("manual_seed", "from_config", "sqrtm", "cov")
 
 
