@@ -16,8 +16,7 @@ shortcut at the steps that skip it. Nothing assigns `forward`; removal restores 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ from diffusers.hooks import ModelHook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from fastdiff.clock import StepClock
-from fastdiff.compose import Attachment, HookSpec
+from fastdiff.compose import Attachment, HookSpec, Stack
 
 
 def skippable_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -154,7 +153,7 @@ def make_attachment(pipe_or_unet, unet: torch.nn.Module, config: BlockSkipConfig
     return BlockSkipAttachment(config, layers, clock)
 
 
-def apply_block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> None:
+def apply_block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> Stack:
     """AutoDiffusion (arXiv 2309.10438) stage 2: skip `config.skips` layers at their steps; `fastdiff.apply`.
 
     Args:
@@ -174,7 +173,7 @@ def apply_block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> N
 
     if not isinstance(config, BlockSkipConfig):
         raise ValueError("config must be a BlockSkipConfig.")
-    apply(pipe_or_unet, config, scheduler=scheduler)
+    return apply(pipe_or_unet, config, scheduler=scheduler)
 
 
 def remove_block_skip(pipe_or_unet) -> None:
@@ -184,11 +183,8 @@ def remove_block_skip(pipe_or_unet) -> None:
     remove(pipe_or_unet, "block_skip")
 
 
-@contextlib.contextmanager
-def block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> Iterator[None]:
-    """AutoDiffusion block skipping inside a `with` block; removed on exit (also on error)."""
-    apply_block_skip(pipe_or_unet, config, scheduler=scheduler)
-    try:
-        yield
-    finally:
-        remove_block_skip(pipe_or_unet)
+def block_skip(pipe_or_unet, config: BlockSkipConfig, scheduler=None) -> Stack:
+    """AutoDiffusion block skipping inside a `with` block; removed on exit (also on error).
+
+    The handle `fastdiff.apply` returns is the context manager."""
+    return apply_block_skip(pipe_or_unet, config, scheduler=scheduler)

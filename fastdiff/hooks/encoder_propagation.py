@@ -30,11 +30,10 @@ step of DPM-Solver(++)); see `injection_eps_coefficient` and docs/encoder_propag
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +42,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from fastdiff.clock import StepClock
-from fastdiff.compose import Attachment, HookSpec
+from fastdiff.compose import Attachment, HookSpec, Stack
 
 # preset -> (the step count it was written for, its key step indices); Faster Diffusion's key steps.
 PRESETS: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -337,8 +336,8 @@ class EncoderPartHook(ModelHook):
         return output
 
 
-class EncoderPropagationHook(ModelHook):
-    """Faster Diffusion encoder propagation on a UNet2DConditionModel: key / non-key forwards at the clock's step."""
+class _StateHook(ModelHook):
+    """A hook on a whole model (UNet or ControlNet) sharing the propagation state; knows the model's signature."""
 
     def __init__(self, state: _PropagationState) -> None:
         super().__init__()
@@ -348,6 +347,10 @@ class EncoderPropagationHook(ModelHook):
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.signature = inspect.signature(module.forward)
         return module
+
+
+class EncoderPropagationHook(_StateHook):
+    """Faster Diffusion encoder propagation on a UNet2DConditionModel: key / non-key forwards at the clock's step."""
 
     def _run(self, mode: str, call: dict[str, Any], repeat: int = 1):
         self.state.mode, self.state.repeat = mode, repeat
@@ -447,17 +450,8 @@ class EncoderPropagationHook(ModelHook):
                 cache.decoded[j] = (float(t), piece)
 
 
-class ControlNetPropagationHook(ModelHook):
+class ControlNetPropagationHook(_StateHook):
     """Faster Diffusion for ControlNet: run the ControlNet at key steps only, replay its residuals otherwise."""
-
-    def __init__(self, state: _PropagationState) -> None:
-        super().__init__()
-        self.state = state
-        self.signature: inspect.Signature | None = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.signature = inspect.signature(module.forward)
-        return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state = self.state
@@ -550,7 +544,7 @@ def make_attachment(pipe_or_unet, unet: torch.nn.Module, config: EncoderPropagat
     return EncoderPropagationAttachment(config, unet, controlnet, clock)
 
 
-def apply_encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, scheduler=None) -> None:
+def apply_encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, scheduler=None) -> Stack:
     """Faster Diffusion (arXiv 2312.09608) encoder propagation: `fastdiff.apply(pipe_or_unet, config)`.
 
     Args:
@@ -570,7 +564,7 @@ def apply_encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, sc
 
     if not isinstance(config, EncoderPropagationConfig):
         raise ValueError("config must be an EncoderPropagationConfig.")
-    apply(pipe_or_unet, config, scheduler=scheduler)
+    return apply(pipe_or_unet, config, scheduler=scheduler)
 
 
 def remove_encoder_propagation(pipe_or_unet) -> None:
@@ -580,11 +574,8 @@ def remove_encoder_propagation(pipe_or_unet) -> None:
     remove(pipe_or_unet, "encoder_propagation")
 
 
-@contextlib.contextmanager
-def encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, scheduler=None) -> Iterator[None]:
-    """Faster Diffusion encoder propagation inside a `with` block; removed on exit (also on error)."""
-    apply_encoder_propagation(pipe_or_unet, config, scheduler=scheduler)
-    try:
-        yield
-    finally:
-        remove_encoder_propagation(pipe_or_unet)
+def encoder_propagation(pipe_or_unet, config: EncoderPropagationConfig, scheduler=None) -> Stack:
+    """Faster Diffusion encoder propagation inside a `with` block; removed on exit (also on error).
+
+    The handle `fastdiff.apply` returns is the context manager."""
+    return apply_encoder_propagation(pipe_or_unet, config, scheduler=scheduler)
