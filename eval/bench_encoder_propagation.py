@@ -584,8 +584,8 @@ def sd_calibration(budgets=(0.75, 0.9)) -> dict:
     # not harness: calibration of the SD-shaped random-weight UNet (drift and FLOPs only)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     # not harness: calibration of the SD-shaped random-weight UNet (drift and FLOPs only)
-    embeds = torch.randn(4, 77, 256, generator=torch.Generator().manual_seed(0))
-    result = calibrate(pipe, STEPS, max(budgets), 4, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(
+    embeds = torch.randn(2, 77, 256, generator=torch.Generator().manual_seed(0))
+    result = calibrate(pipe, STEPS, max(budgets), 2, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(
         embeds), height=64, width=64, guidance_scale=7.5)
     record = result.metadata()
     drift = {int(d): v for d, v in record["drift"].items()}
@@ -771,7 +771,7 @@ def _md_calibration(results: dict) -> list[str]:
         lines.append(f"| {sampler} | {record['seconds']:.1f} | {record['key_flops'] / 1e9:.3f} | {depths} |")
     sd = results.get("sd_calibration")
     if sd:
-        lines += ["", f"SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5, 4 images): calibration "
+        lines += ["", f"SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5, 2 images): calibration "
                       f"{sd['seconds']:.1f} s; key step {sd['key_flops'] / 1e9:.2f} GFLOPs; non-key by depth "
                       + ", ".join(f"{d}: {f / sd['key_flops']:.3f}" for d, f in sd["non_key_flops"].items())
                       + " of a key step.", ""]
