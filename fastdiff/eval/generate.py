@@ -234,8 +234,9 @@ def _identity(method: MethodSpec, base_seed: int, batch_size: int, prompts, mode
         "batch_size": batch_size,
         "prompts": list(prompts) if prompts else None,
     }
-    if pipe_kwargs:  # they can replace the label or the size: part of what the images are
-        identity["pipe_kwargs"] = json.loads(json.dumps(pipe_kwargs, default=repr))
+    values = {k: v for k, v in (pipe_kwargs or {}).items() if not callable(v)}  # not callbacks (e.g. progress)
+    if values:  # they can replace the label or the size: part of what the images are
+        identity["pipe_kwargs"] = json.loads(json.dumps(values, default=repr))
     return identity
 
 
