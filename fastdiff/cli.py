@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastdiff {args.command_name}: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if type(err).__name__ != "DistributedError":  # fastdiff.eval.distributed's, without importing torch here
+        if not commands.is_failed_run(err):
             raise
         print(f"fastdiff {args.command_name}: {err}", file=sys.stderr)
         return 1

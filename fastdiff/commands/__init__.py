@@ -54,6 +54,13 @@ def command_module(command: str) -> ModuleType:
     return module
 
 
+def is_failed_run(err: BaseException) -> bool:
+    """A multi-process run that failed (a rank stopped answering): `fastdiff.eval.distributed.DistributedError`."""
+    from fastdiff.eval.distributed import DistributedError  # only on this path: `--help` stays torch-free
+
+    return isinstance(err, DistributedError)
+
+
 def _requested(argv: Sequence[str]) -> str | None:
     """The command named by the first words of `argv` ("eval sweep", "sample", ...), if any."""
     words = " ".join(argv[:2]) if argv[:1] == ["eval"] else (argv[0] if argv else "")

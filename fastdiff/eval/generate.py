@@ -389,10 +389,9 @@ def generate_images(
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}.")
-    check_out_dir(folder)
+    folder = check_out_dir(folder)
     method.check(pipe)  # before the folder is touched: a refused method leaves nothing behind
     rank, _ = init_distributed()
-    folder = Path(folder)
     identity = _identity(method, base_seed, batch_size, prompts, model_fingerprint(pipe), pipe_kwargs)
     record = _open_folder(folder, identity, n)
     split = method.patch_parallel is None

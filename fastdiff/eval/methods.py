@@ -241,7 +241,8 @@ class MethodSpec:
         except (ValueError, NotImplementedError, TypeError, IndexError, KeyError, RuntimeError) as err:
             raise ValueError(f"method {self.name!r}: {self.scheduler} on this model: {err}") from None
         num_steps = len(scheduler.timesteps)
-        configs = [c for key, c in zip(self._attached(), self.accelerator_configs()) if key != "patch_parallel"]
+        # patch parallelism needs the process group: `fastdiff.apply` checks it when the method is sampled
+        configs = [self._accelerator_config(key) for key in self._attached() if key != "patch_parallel"]
         try:
             for config in configs:
                 if hasattr(config, "check_steps"):  # encoder propagation's key steps, block skipping's steps
