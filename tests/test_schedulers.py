@@ -97,11 +97,13 @@ def test_multistep_matches_diffusers_over_grid(order, algorithm_type):
         cfg = dict(solver_order=order, algorithm_type=algorithm_type, solver_type=solver_type,
                    final_sigmas_type=final, lower_order_final=lof, **_schedule_kwargs(schedule))
         cfg["prediction_type"] = "sample"
-        ours = DPMSolverPlusPlusScheduler(**cfg)  # one instance for every N: set_timesteps must reset all state
+        # one instance of each for every N: set_timesteps must reset all step state (diffusers' multistep one resets
+        # model_outputs, lower_order_nums and the step index, and leaves its config alone)
+        ref, ours = DPMSolverMultistepScheduler(**cfg), DPMSolverPlusPlusScheduler(**cfg)
         for n in STEPS:
             if not lof and n >= 15:
                 continue  # lower_order_final only acts below 15 steps
-            err = _parity(DPMSolverMultistepScheduler(**cfg), ours, n, "sample")  # a fresh reference each time
+            err = _parity(ref, ours, n, "sample")
             if err > worst:
                 worst, where = err, (cfg, n)
     assert worst <= PARITY_TOL, where
@@ -118,9 +120,9 @@ def test_multistep_prediction_types_and_thresholding_match_diffusers(prediction_
         cfg = dict(solver_order=order, algorithm_type=alg, prediction_type=prediction_type, thresholding=thr,
                    sample_max_value=1.5, dynamic_thresholding_ratio=0.9, beta_schedule="scaled_linear",
                    beta_start=0.00085, beta_end=0.012, **_schedule_kwargs(schedule))
-        ours = DPMSolverPlusPlusScheduler(**cfg)  # reused over N, as in the grid test
+        ref, ours = DPMSolverMultistepScheduler(**cfg), DPMSolverPlusPlusScheduler(**cfg)  # reused over N, as above
         for n in (5, 10, 25):
-            err = _parity(DPMSolverMultistepScheduler(**cfg), ours, n, prediction_type)
+            err = _parity(ref, ours, n, prediction_type)
             if err > worst:
                 worst, where = err, (cfg, n)
     assert worst <= PARITY_TOL, where
