@@ -25,14 +25,14 @@ _spec = importlib.util.spec_from_file_location("parallel_worker", HERE / "parall
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
-# one xdist worker runs this whole module: its autouse fixture starts one background gloo job for all tests
+# one xdist worker runs this whole module: the tests marked `multiprocess` share one background gloo job
 pytestmark = pytest.mark.xdist_group("test_parallel")
 
 WORLDS = (2, 4)
 SIM_CONFIGS = {2: ("async", "async_stale_gn", "partial"), 4: ("async", "partial")}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """Start the 4-process gloo job (collected later by `results`)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo")
@@ -212,6 +212,7 @@ def test_pcpp_bytes_at_8_ranks_below_0_3_of_distrifusion():
 
 # --- the gloo jobs ---
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", WORLDS)
 def test_each_wrapped_layer_equals_original(results, world):
     for _, _, layer_errors in _groups(results, world):
@@ -221,6 +222,7 @@ def test_each_wrapped_layer_equals_original(results, world):
                 assert err <= (1e-10 if "float64" in name else 1e-5), (name, err)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", WORLDS)
 def test_sync_run_equals_single_process_on_every_rank(results, single, world):
     """10 DPM-Solver++ steps; with 2 ranks, two pairs run two images (seeds 0, 1) at once (data x patch)."""
@@ -235,6 +237,7 @@ def test_sync_run_equals_single_process_on_every_rank(results, single, world):
                 assert _close(trajs[0], single[model, seed]), (model, config, seed)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", WORLDS)
 def test_async_equals_simulator_exactly(results, single, world):
     seed, ranks, _ = _groups(results, world)[0]
@@ -246,6 +249,7 @@ def test_async_equals_simulator_exactly(results, single, world):
             assert got["bytes"] == sim[rank][config]["bytes"], (config, rank)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", WORLDS)
 def test_drift_sync_below_async_below_naive(results, single, world):
     seed, ranks, _ = _groups(results, world)[0]
@@ -260,6 +264,7 @@ def test_drift_sync_below_async_below_naive(results, single, world):
     assert (drift["partial"][warm:] < drift["naive"][warm:]).all()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", WORLDS)
 def test_counted_bytes_equal_formulas(results, world):
     from fastdiff.parallel import expected_bytes, layer_plan
@@ -293,6 +298,7 @@ def test_counted_bytes_equal_formulas(results, world):
                             assert all(counted[k] > 0 for k in ("conv", "attn", "norm", "output"))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("how, rank", [("raise and stay alive", 0), ("killed", 2)])
 def test_failing_rank_makes_the_others_fail_fast(results, how, rank):
     fail = results[1][rank]
