@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-multiprocess install clean
+.PHONY: demo test test-slow install clean
 
 # On machines whose pip is capped (/etc/xdg/pip) torch 2.14.1 / torchvision 0.29.1 lie on local disk:
 # take exactly that pair there; elsewhere torch stays an ordinary dependency.
@@ -17,14 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# `make test`: the in-process suite (every test but those that start process groups), two workers.
-# `make test-multiprocess`: the tests that launch torchrun / gloo ranks. CI (.ci/run) runs both.
+# `make test`: every test but the slow ones, two workers: minutes.
+# `make test-slow`: tests that launch torchrun / gloo ranks or run README.md's blocks in fresh interpreters.
+# CI (.ci/run) runs both.
 test: $(STAMP)
 	$(VENV)/bin/ruff check fastdiff tests pipelines eval
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not multiprocess"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
 
-test-multiprocess: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -m multiprocess
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -m slow
 
 demo: $(STAMP)
 	$(VENV)/bin/fastdiff demo

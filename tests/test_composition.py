@@ -263,7 +263,7 @@ def pp_matrix(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)], torch.load(out / "single.pt")
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_patch_parallel_stacks_equal_one_process(pp_matrix):
     """PP sync, split_cfg off and on, applied before or after the hooks: the images of the stack in one process."""
     ranks, single = pp_matrix
@@ -279,7 +279,7 @@ def test_patch_parallel_stacks_equal_one_process(pp_matrix):
     assert count >= 50  # the plan really ran both orders, both split_cfg settings, every stack
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_five_way_sweep_row_under_torchrun_equals_one_process_without_pp(tmp_path):
     import json
 

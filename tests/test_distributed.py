@@ -25,7 +25,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_stuck_rank_fails_every_rank_within_the_timeout(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

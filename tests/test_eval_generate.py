@@ -117,7 +117,7 @@ def _torchrun(cmd: list[str]) -> None:
 QUALITY_KEYS = ("fd_pixels", "kid_pixels", "kid_pixels_std", "n_pixels", "nfe", "unet_calls", "n")
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.xdist_group("eval_generate_workdir")  # one worker builds the shared workdir
 def test_one_vs_two_gloo_processes_identical(workdir):
     cmd = [
@@ -148,7 +148,7 @@ def test_one_vs_two_gloo_processes_identical(workdir):
         assert {k: r2[k] for k in QUALITY_KEYS} == pytest.approx({k: r1[k] for k in QUALITY_KEYS}, rel=1e-6)
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.xdist_group("eval_generate_workdir")  # one worker builds the shared workdir
 def test_kill_midway_then_rerun_equals_uninterrupted(workdir):
     out = workdir / "killed"

@@ -25,7 +25,7 @@ _spec = importlib.util.spec_from_file_location("parallel_worker", HERE / "parall
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
-# one xdist worker runs this whole module: the tests marked `multiprocess` share one background gloo job
+# one xdist worker runs this whole module: the tests marked `slow` share one background gloo job
 pytestmark = pytest.mark.xdist_group("test_parallel")
 
 WORLDS = (2, 4)
@@ -212,7 +212,7 @@ def test_pcpp_bytes_at_8_ranks_below_0_3_of_distrifusion():
 
 # --- the gloo jobs ---
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_each_wrapped_layer_equals_original(results, world):
     for _, _, layer_errors in _groups(results, world):
@@ -222,7 +222,7 @@ def test_each_wrapped_layer_equals_original(results, world):
                 assert err <= (1e-10 if "float64" in name else 1e-5), (name, err)
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_sync_run_equals_single_process_on_every_rank(results, single, world):
     """10 DPM-Solver++ steps; with 2 ranks, two pairs run two images (seeds 0, 1) at once (data x patch)."""
@@ -237,7 +237,7 @@ def test_sync_run_equals_single_process_on_every_rank(results, single, world):
                 assert _close(trajs[0], single[model, seed]), (model, config, seed)
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_async_equals_simulator_exactly(results, single, world):
     seed, ranks, _ = _groups(results, world)[0]
@@ -249,7 +249,7 @@ def test_async_equals_simulator_exactly(results, single, world):
             assert got["bytes"] == sim[rank][config]["bytes"], (config, rank)
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_drift_sync_below_async_below_naive(results, single, world):
     seed, ranks, _ = _groups(results, world)[0]
@@ -264,7 +264,7 @@ def test_drift_sync_below_async_below_naive(results, single, world):
     assert (drift["partial"][warm:] < drift["naive"][warm:]).all()
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_counted_bytes_equal_formulas(results, world):
     from fastdiff.parallel import expected_bytes, layer_plan
@@ -298,7 +298,7 @@ def test_counted_bytes_equal_formulas(results, world):
                             assert all(counted[k] > 0 for k in ("conv", "attn", "norm", "output"))
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("how, rank", [("raise and stay alive", 0), ("killed", 2)])
 def test_failing_rank_makes_the_others_fail_fast(results, how, rank):
     fail = results[1][rank]
@@ -471,3 +471,31 @@ def test_encoder_propagation_composes_with_pp(parallel, mode):
     if mode == "sync":
         with fastdiff.apply(pipe, ep):
             assert _close(outs[0], run(pipe))
+
+
+def test_ranks_started_from_different_noise_fail_on_every_rank_before_the_first_exchange():
+    """A rank-dependent seed gives each rank other latents: every rank refuses, naming the fix; same seeds run."""
+    import copy
+
+    from fastdiff.parallel import disable_patch_parallel, enable_patch_parallel
+
+    pipe = worker.reference_pipeline()
+    kwargs = dict(class_labels=[3], num_inference_steps=2, output_type="pt")
+
+    def body(seed_of_rank):
+        def run(rank, hub, replica):
+            config = PatchParallelConfig(mode="sync", split_cfg=False)
+            state = enable_patch_parallel(replica, config, group=worker.thread_comm(hub, rank))
+            try:
+                replica(generator=torch.Generator().manual_seed(seed_of_rank(rank)), **kwargs)
+                return None, state.comm.bytes_by_step()
+            except ValueError as err:
+                return str(err), state.comm.bytes_by_step()
+            finally:
+                disable_patch_parallel(replica)
+        return _on_ranks(2, [copy.deepcopy(pipe) for _ in range(2)], run)
+
+    for rank, (error, sent) in enumerate(body(lambda rank: rank)):
+        assert error is not None and f"rank {rank}/2: the latents differ" in error and "same generator seed" in error
+        assert "\n" not in error and not sent  # refused before any activation was exchanged
+    assert all(error is None for error, _ in body(lambda rank: 7))

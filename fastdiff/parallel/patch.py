@@ -67,6 +67,10 @@ class PatchParallelUNetHook(ModelHook):
         st = self.state
         st.comm.step = st.step
         sample = args[0] if args else kwargs["sample"]
+        if not st.inputs_checked:  # first UNet call of a pipeline call: every rank must denoise the same latents
+            st.comm.check_same(sample, "the latents", "every rank must start from the same noise; give each rank "
+                               "the same generator seed (not a rank-dependent one) and the same inputs.")
+            st.inputs_checked = True
         split = st.split is not None and sample.shape[0] % 2 == 0
         if split:
             st.split.pair.step = st.step
