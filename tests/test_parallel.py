@@ -25,8 +25,8 @@ _spec = importlib.util.spec_from_file_location("parallel_worker", HERE / "parall
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
-# one xdist worker runs this whole module: the tests marked `slow` share one background gloo job
-pytestmark = pytest.mark.xdist_group("test_parallel")
+# the tests marked `slow` share one background gloo job: one xdist worker runs them all
+SHARED_JOB = pytest.mark.xdist_group("test_parallel_job")
 
 WORLDS = (2, 4)
 SIM_CONFIGS = {2: ("async", "async_stale_gn", "partial"), 4: ("async", "partial")}
@@ -213,6 +213,7 @@ def test_pcpp_bytes_at_8_ranks_below_0_3_of_distrifusion():
 # --- the gloo jobs ---
 
 @pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_each_wrapped_layer_equals_original(results, world):
     for _, _, layer_errors in _groups(results, world):
@@ -223,6 +224,7 @@ def test_each_wrapped_layer_equals_original(results, world):
 
 
 @pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_sync_run_equals_single_process_on_every_rank(results, single, world):
     """10 DPM-Solver++ steps; with 2 ranks, two pairs run two images (seeds 0, 1) at once (data x patch)."""
@@ -238,6 +240,7 @@ def test_sync_run_equals_single_process_on_every_rank(results, single, world):
 
 
 @pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_async_equals_simulator_exactly(results, single, world):
     seed, ranks, _ = _groups(results, world)[0]
@@ -250,6 +253,7 @@ def test_async_equals_simulator_exactly(results, single, world):
 
 
 @pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_drift_sync_below_async_below_naive(results, single, world):
     seed, ranks, _ = _groups(results, world)[0]
@@ -265,6 +269,7 @@ def test_drift_sync_below_async_below_naive(results, single, world):
 
 
 @pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_counted_bytes_equal_formulas(results, world):
     from fastdiff.parallel import expected_bytes, layer_plan
@@ -299,6 +304,7 @@ def test_counted_bytes_equal_formulas(results, world):
 
 
 @pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("how, rank", [("raise and stay alive", 0), ("killed", 2)])
 def test_failing_rank_makes_the_others_fail_fast(results, how, rank):
     fail = results[1][rank]
