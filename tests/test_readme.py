@@ -40,10 +40,12 @@ def blocks(text: str, language: str) -> list[tuple[int, str]]:
     return found
 
 
-def with_checks(code: str) -> tuple[str, int]:
-    """The block with each `expr  # -> value` line turned into a check of str(expr); and how many there are."""
+def with_checks(code: str, first_line: int = 1) -> tuple[str, int]:
+    """The block with each `expr  # -> value` line turned into a check of str(expr); and how many there are.
+
+    `first_line`: README.md's line number of the block's first line, for the failure message."""
     out, count = [], 0
-    for n, line in enumerate(code.splitlines(), 1):
+    for n, line in enumerate(code.splitlines(), first_line):
         m = PROMISE.match(line)
         if m:
             count += 1
@@ -51,7 +53,7 @@ def with_checks(code: str) -> tuple[str, int]:
         out.append(line)
     header = (
         "def __promise(value, promised, line):\n"
-        "    assert str(value) == promised, f'README block line {line}: promised {promised}, got {value}'\n"
+        "    assert str(value) == promised, f'README.md line {line}: promised {promised}, got {value}'\n"
     )
     return header + "\n".join(out) + "\n", count
 
@@ -109,7 +111,7 @@ def test_a_changed_promise_fails():
                               "x + 1  # -> tensor([4, 9])\nreached = True\n")
     assert count == 2
     scope: dict = {}
-    with pytest.raises(AssertionError, match=r"line 4: promised tensor\(\[4, 9\]\), got tensor\(\[4, 8\]\)"):
+    with pytest.raises(AssertionError, match=r"README.md line 4: promised tensor\(\[4, 9\]\), got tensor\(\[4, 8\]\)"):
         exec(code, scope)
     assert "reached" not in scope
 
@@ -117,7 +119,7 @@ def test_a_changed_promise_fails():
 @pytest.mark.slow
 @pytest.mark.parametrize("line, code", SINGLE, ids=[f"line{line}" for line, _ in SINGLE])
 def test_python_block_runs_in_a_fresh_interpreter(line, code, workdir):
-    proc = _run([sys.executable, "-c", with_checks(code)[0]], workdir)
+    proc = _run([sys.executable, "-c", with_checks(code, line)[0]], workdir)
     assert proc.returncode == 0, f"README.md line {line}:\n{proc.stderr[-3000:]}"
 
 
@@ -126,7 +128,7 @@ def test_python_block_runs_in_a_fresh_interpreter(line, code, workdir):
 def test_torchrun_block_runs_under_its_launch_line(line, code, workdir):
     words = shlex.split(code.splitlines()[0].lstrip("# "), comments=True)
     launch = words[: next(i for i, w in enumerate(words) if w.endswith(".py")) + 1]  # prose may follow
-    (workdir / launch[-1]).write_text(with_checks(code)[0])
+    (workdir / launch[-1]).write_text(with_checks(code, line)[0])
     proc = _run(launch, workdir, timeout=600)
     assert proc.returncode == 0, f"README.md line {line}:\n{proc.stderr[-3000:]}"
 
