@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow install clean
 
 # On machines whose pip is capped (/etc/xdg/pip) torch 2.14.1 / torchvision 0.29.1 lie on local disk:
 # take exactly that pair there; elsewhere torch stays an ordinary dependency.
@@ -17,9 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `make test`: every test but the slow ones, two workers: minutes.
+# `make test-slow`: tests that launch torchrun / gloo ranks or run README.md's blocks in fresh interpreters.
+# CI (.ci/run) runs both.
 test: $(STAMP)
 	$(VENV)/bin/ruff check fastdiff tests pipelines eval
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -m slow
 
 demo: $(STAMP)
 	$(VENV)/bin/fastdiff demo

@@ -58,3 +58,13 @@ def test_timeout_must_be_positive(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group starts
     with pytest.raises(ValueError, match="timeout must be > 0"):
         init_distributed(0)
+
+
+def test_launched_processes_share_the_cores_unless_the_user_chose():
+    from fastdiff.eval.distributed import threads_per_process
+
+    assert threads_per_process({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, 2) == 1
+    assert threads_per_process({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, 16) == 4  # 2 machines of 4
+    assert threads_per_process({"WORLD_SIZE": "4"}, 2) == 1  # more processes than cores: at least one thread
+    assert threads_per_process({"WORLD_SIZE": "2", "OMP_NUM_THREADS": "3"}, 2) is None  # the user's choice
+    assert threads_per_process({}, 2) is None  # one process: torch's default

@@ -130,7 +130,13 @@ def test_sweep_outputs_and_scores_equal_cleanfid(pipe, tmp_path):
                  MethodSpec(name="DPM/3", scheduler="DPMSolverMultistepScheduler", steps=3)],
         n=6, batch_size=3, extractors=["pixels"], reference=str(ref), kid_subsets=5,
     )  # fmt: skip
-    rows = run_sweep(config, tmp_path / "out", pipe=pipe, progress=False)
+    seen = []  # on_row: each row as soon as it is written, while results.jsonl holds exactly the rows so far
+
+    def on_row(row):
+        seen.append((row["method"], len((tmp_path / "out" / "results.jsonl").read_text().splitlines())))
+
+    rows = run_sweep(config, tmp_path / "out", pipe=pipe, progress=False, on_row=on_row)
+    assert seen == [("DDIM-2", 1), ("DPM/3", 2)]
     out = tmp_path / "out"
     assert [json.loads(line)["method"] for line in (out / "results.jsonl").read_text().splitlines()] == [
         "DDIM-2",

@@ -25,14 +25,14 @@ _spec = importlib.util.spec_from_file_location("parallel_worker", HERE / "parall
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
-# one xdist worker runs this whole module: its autouse fixture starts one background gloo job for all tests
-pytestmark = pytest.mark.xdist_group("test_parallel")
+# the tests marked `slow` share one background gloo job: one xdist worker runs them all
+SHARED_JOB = pytest.mark.xdist_group("test_parallel_job")
 
 WORLDS = (2, 4)
 SIM_CONFIGS = {2: ("async", "async_stale_gn", "partial"), 4: ("async", "partial")}
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """Start the 4-process gloo job (collected later by `results`)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo")
@@ -212,6 +212,8 @@ def test_pcpp_bytes_at_8_ranks_below_0_3_of_distrifusion():
 
 # --- the gloo jobs ---
 
+@pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_each_wrapped_layer_equals_original(results, world):
     for _, _, layer_errors in _groups(results, world):
@@ -221,6 +223,8 @@ def test_each_wrapped_layer_equals_original(results, world):
                 assert err <= (1e-10 if "float64" in name else 1e-5), (name, err)
 
 
+@pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_sync_run_equals_single_process_on_every_rank(results, single, world):
     """10 DPM-Solver++ steps; with 2 ranks, two pairs run two images (seeds 0, 1) at once (data x patch)."""
@@ -235,6 +239,8 @@ def test_sync_run_equals_single_process_on_every_rank(results, single, world):
                 assert _close(trajs[0], single[model, seed]), (model, config, seed)
 
 
+@pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_async_equals_simulator_exactly(results, single, world):
     seed, ranks, _ = _groups(results, world)[0]
@@ -246,6 +252,8 @@ def test_async_equals_simulator_exactly(results, single, world):
             assert got["bytes"] == sim[rank][config]["bytes"], (config, rank)
 
 
+@pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_drift_sync_below_async_below_naive(results, single, world):
     seed, ranks, _ = _groups(results, world)[0]
@@ -260,6 +268,8 @@ def test_drift_sync_below_async_below_naive(results, single, world):
     assert (drift["partial"][warm:] < drift["naive"][warm:]).all()
 
 
+@pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("world", WORLDS)
 def test_counted_bytes_equal_formulas(results, world):
     from fastdiff.parallel import expected_bytes, layer_plan
@@ -293,6 +303,8 @@ def test_counted_bytes_equal_formulas(results, world):
                             assert all(counted[k] > 0 for k in ("conv", "attn", "norm", "output"))
 
 
+@pytest.mark.slow
+@SHARED_JOB
 @pytest.mark.parametrize("how, rank", [("raise and stay alive", 0), ("killed", 2)])
 def test_failing_rank_makes_the_others_fail_fast(results, how, rank):
     fail = results[1][rank]
@@ -465,3 +477,31 @@ def test_encoder_propagation_composes_with_pp(parallel, mode):
     if mode == "sync":
         with fastdiff.apply(pipe, ep):
             assert _close(outs[0], run(pipe))
+
+
+def test_ranks_started_from_different_noise_fail_on_every_rank_before_the_first_exchange():
+    """A rank-dependent seed gives each rank other latents: every rank refuses, naming the fix; same seeds run."""
+    import copy
+
+    from fastdiff.parallel import disable_patch_parallel, enable_patch_parallel
+
+    pipe = worker.reference_pipeline()
+    kwargs = dict(class_labels=[3], num_inference_steps=2, output_type="pt")
+
+    def body(seed_of_rank):
+        def run(rank, hub, replica):
+            config = PatchParallelConfig(mode="sync", split_cfg=False)
+            state = enable_patch_parallel(replica, config, group=worker.thread_comm(hub, rank))
+            try:
+                replica(generator=torch.Generator().manual_seed(seed_of_rank(rank)), **kwargs)
+                return None, state.comm.bytes_by_step()
+            except ValueError as err:
+                return str(err), state.comm.bytes_by_step()
+            finally:
+                disable_patch_parallel(replica)
+        return _on_ranks(2, [copy.deepcopy(pipe) for _ in range(2)], run)
+
+    for rank, (error, sent) in enumerate(body(lambda rank: rank)):
+        assert error is not None and f"rank {rank}/2: the latents differ" in error and "same generator seed" in error
+        assert "\n" not in error and not sent  # refused before any activation was exchanged
+    assert all(error is None for error, _ in body(lambda rank: 7))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch
@@ -54,11 +55,23 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
         global _timeout
         _timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        threads = threads_per_process(os.environ, os.cpu_count() or 1)
+        if backend == "gloo" and threads is not None:
+            torch.set_num_threads(threads)  # recorded as torch_threads in each folder's generation.json
         dist.init_process_group(backend, timeout=_timeout)
         atexit.register(_destroy_process_group)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def threads_per_process(env: Mapping[str, str], cpu_count: int) -> int | None:
+    """Intra-op threads for each of the processes a launcher started on this machine, so that together they use
+    the cores once (None: keep torch's choice, because the user set OMP_NUM_THREADS or runs one process)."""
+    local = int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+    if "OMP_NUM_THREADS" in env or local <= 1:
+        return None
+    return max(1, cpu_count // local)
 
 
 def _destroy_process_group() -> None:

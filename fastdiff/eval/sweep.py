@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,7 +308,8 @@ def _score_folder(config: SweepConfig, folder: Path, extractors: dict, refs: dic
     return columns
 
 
-def _sweep(config: SweepConfig, out_dir: str | Path, pipe=None, progress: bool = True) -> list[dict]:
+def _sweep(config: SweepConfig, out_dir: str | Path, pipe=None, progress: bool = True,
+           on_row: Callable[[dict], None] | None = None) -> list[dict]:
     out_dir = Path(out_dir)
     rank, _ = init_distributed()
     if pipe is None:
@@ -329,6 +331,8 @@ def _sweep(config: SweepConfig, out_dir: str | Path, pipe=None, progress: bool =
         rows.append(row)
         if rank == 0:
             write_results(rows, out_dir, config.title)
+            if on_row is not None:
+                on_row(row)
     barrier()
     return rows
 
@@ -340,6 +344,7 @@ def run_sweep(
     pipe=None,
     n: int | None = None,
     progress: bool = True,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Run a sweep: generate every method's images, score them, write results.jsonl, results.md, pareto.png.
 
@@ -348,6 +353,8 @@ def run_sweep(
         out_dir: output folder (default runs/sweeps/<title>). Re-running resumes: valid images are kept.
         pipe: a ready pipeline to use instead of loading `model.name` (e.g. a random-weight test model).
         n: override eval.n (per-extractor N are capped at it).
+        progress: show step-level progress.
+        on_row: called on rank 0 with each method's row as soon as it is scored and written.
     Returns:
         one dict per method (the rows of results.jsonl), identical on every rank.
 
@@ -359,7 +366,7 @@ def run_sweep(
     if n is not None:
         config = _with_n(config, n)
     out_dir = check_out_dir(out_dir if out_dir is not None else default_out_dir(config))
-    return _sweep(config, out_dir, pipe=pipe, progress=progress)
+    return _sweep(config, out_dir, pipe=pipe, progress=progress, on_row=on_row)
 
 
 def default_out_dir(config: SweepConfig) -> Path:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-Kind = Literal["conv", "attn", "norm", "output"]
+Kind = Literal["conv", "attn", "norm", "output", "check"]  # "check": input checks, not counted
 KINDS: tuple[str, ...] = ("conv", "attn", "norm", "output")
 
 
@@ -84,7 +84,8 @@ class Communicator:
         return group_rank if self.group is None else self._dist.get_global_rank(self.group, group_rank)
 
     def _count(self, kind: str, nbytes: int) -> None:
-        self.received[self.step][kind] += int(nbytes)
+        if kind in KINDS:
+            self.received[self.step][kind] += int(nbytes)
 
     def _wait(self, work: Any, what: str) -> None:
         try:
@@ -134,6 +135,21 @@ class Communicator:
         else:  # gloo: plain isend/irecv (its batch_isend_irecv is not reliable)
             works = [op(t, self._global(peer), group=self.group, tag=tag) for op, t, peer, tag in ops]
         return Pending(self, works, (from_above, from_below), f"neighbour exchange of {kind}", finish)
+
+    def check_same(self, tensor: torch.Tensor, what: str, fix: str) -> None:
+        """Raise ValueError on every rank unless `tensor` is the same on every rank of the group.
+
+        Compares a fingerprint (sum and sum of squares in float64, to 1e-6 relative) rather than the tensor:
+        one 16-byte gather per check.
+        """
+        x = tensor.detach().double()
+        prints = self.all_gather(torch.stack([x.sum(), x.square().sum()]), "check").wait()
+        for r, other in enumerate(prints):
+            if not torch.allclose(other, prints[0], rtol=1e-6, atol=1e-9):
+                raise ValueError(
+                    f"patch parallel rank {self.rank}/{self.world_size}: {what} differ between the ranks of a patch "
+                    f"group (rank {r} vs rank 0): {fix}"
+                )
 
     def bytes_by_step(self) -> dict[int, dict[str, int]]:
         """Received bytes {step: {kind: bytes}} since the last reset (kinds: conv, attn, norm, output)."""

@@ -42,6 +42,7 @@ class PatchState:
                  clock: Any = None) -> None:
         self.config, self.comm, self.split, self.clock = config, comm, split, clock
         self.layers: list[PatchLayer] = []
+        self.inputs_checked = False  # the first UNet call of each pipeline call checks the ranks' latents
 
     @property
     def rank(self) -> int:
@@ -71,6 +72,7 @@ class PatchState:
 
     def reset(self, drain: bool = True) -> None:
         """Start a new pipeline call: wait for (drain) the exchanges still in flight, forget stale buffers."""
+        self.inputs_checked = False
         for layer in self.layers:
             layer.forget(drain)
         self.comm.step = 0

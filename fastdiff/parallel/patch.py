@@ -67,15 +67,19 @@ class PatchParallelUNetHook(ModelHook):
         st = self.state
         st.comm.step = st.step
         sample = args[0] if args else kwargs["sample"]
+        check_divisible(sample.shape[-2], st.world_size, self.num_down)  # local checks before any communication
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError("patch parallelism does not support a self-attention `attention_mask`: call the UNet "
+                             "without one (or remove patch parallelism).")
+        if not st.inputs_checked:  # first UNet call of a pipeline call: every rank must denoise the same latents
+            st.comm.check_same(sample, "the latents", "every rank must start from the same noise; give each rank "
+                               "the same generator seed (not a rank-dependent one) and the same inputs.")
+            st.inputs_checked = True
         split = st.split is not None and sample.shape[0] % 2 == 0
         if split:
             st.split.pair.step = st.step
             args, kwargs = split_inputs(args, kwargs, sample.shape[0], st.split.index)
             sample = args[0] if args else kwargs["sample"]
-        check_divisible(sample.shape[-2], st.world_size, self.num_down)
-        if kwargs.get("attention_mask") is not None:
-            raise ValueError("patch parallelism does not support a self-attention `attention_mask`: call the UNet "
-                             "without one (or remove patch parallelism).")
         for key in _RESIDUAL_KWARGS:
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(self._band(t) for t in kwargs[key])
