@@ -14,19 +14,24 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastdiff.eval.methods import MethodSpec
+    from fastdiff.eval.sweep import SweepConfig
 
 DEMO_N = 50
 DEMO_MAX_ROWS = 100  # UNet rows per image; DDPM-1000 alone would cost 2.5x the rest of the demo
 SWEEP_FILE = Path("eval") / "sweeps" / "reference.toml"
 
 
-def unet_rows_per_image(method) -> int:
+def unet_rows_per_image(method: MethodSpec) -> int:
     """UNet batch rows one image costs: steps, doubled under classifier-free guidance (the reference default 3)."""
     guidance = 3.0 if method.guidance is None else method.guidance
     return method.num_steps() * (2 if guidance > 1.0 else 1)
 
 
-def demo_plan(n: int = DEMO_N):
+def demo_plan(n: int = DEMO_N) -> SweepConfig:
     """The sweep `fastdiff demo` runs: reference.toml at N = n, its methods of at most DEMO_MAX_ROWS UNet rows
     per image, cheapest first (stable)."""
     from dataclasses import replace
