@@ -31,23 +31,16 @@ def unet_rows_per_image(method: MethodSpec) -> int:
     return method.num_steps() * (2 if guidance > 1.0 else 1)
 
 
-def demo_plan(n: int = DEMO_N) -> SweepConfig:
-    """The sweep `fastdiff demo` runs: reference.toml at N = n, its methods of at most DEMO_MAX_ROWS UNet rows
-    per image, cheapest first (stable)."""
+def demo_plan(n: int = DEMO_N, sweep: SweepConfig | None = None) -> SweepConfig:
+    """The sweep `fastdiff demo` runs: reference.toml (or `sweep`) at N = n, its methods of at most DEMO_MAX_ROWS
+    UNet rows per image, cheapest first (stable)."""
     from dataclasses import replace
 
     from fastdiff.eval.sweep import load_sweep
 
-    config = load_sweep(_sweep_file())
+    config = sweep if sweep is not None else load_sweep(_sweep_file())
     methods = [m for m in config.methods if unet_rows_per_image(m) <= DEMO_MAX_ROWS]
     return replace(config, n=n, methods=sorted(methods, key=unet_rows_per_image))
-
-
-def left_out() -> list[str]:
-    """The reference sweep's methods the demo leaves to the full sweep."""
-    from fastdiff.eval.sweep import load_sweep
-
-    return [m.name for m in load_sweep(_sweep_file()).methods if unet_rows_per_image(m) > DEMO_MAX_ROWS]
 
 
 def _sweep_file() -> Path:
@@ -65,10 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the reference sweep at N = `args.n`; print the table and the output paths."""
-    from fastdiff.eval.sweep import run_sweep
+    from fastdiff.eval.sweep import load_sweep, run_sweep
 
     start = time.perf_counter()
-    plan = demo_plan(args.n)
+    full = load_sweep(_sweep_file())
+    plan = demo_plan(args.n, full)
+    left_out = [m.name for m in full.methods if m not in plan.methods]
     print(f"fastdiff demo: {_sweep_file()} with N = {args.n} images per method, cheapest first -> {args.out}")
     print("FD: Frechet distance of digit-classifier features to held-out digits; lower is better, and biased "
           "upwards at small N", flush=True)
@@ -86,6 +81,6 @@ def run(args: argparse.Namespace) -> int:
     print((out / "results.md").read_text())
     print(f"{len(rows)} methods in {time.perf_counter() - start:.0f} s; wrote {out / 'results.jsonl'},")
     print(f"{out / 'results.md'} and {out / 'pareto.png'}.")
-    print(f"Left to the full sweep ({', '.join(left_out())}) and N = 1000: fastdiff eval sweep {SWEEP_FILE}; "
+    print(f"Left to the full sweep ({', '.join(left_out)}) and N = 1000: fastdiff eval sweep {SWEEP_FILE}; "
           "recorded in eval/results/reference/.")
     return 0
