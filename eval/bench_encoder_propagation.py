@@ -16,8 +16,9 @@ Parts, each written to --out (default eval/results/encoder_propagation/) as soon
 5. quality: the trained reference model with DDIM-50 and DPM-Solver++(2M)-20, generated and scored through the
             harness (`MethodSpec`, `sample_images`, `fastdiff.eval.metrics`): UNet FLOPs of a call, FD on the
             digit classifier's features against the 1,000 held-out digits, PSNR to the full-UNet images of the
-            same seeds, for the full UNet, the paper's preset, `calibrate`'s plans at budgets 0.6 / 0.75 / 0.9 and
-            at each DeepCache row's FLOPs, fixed shallow-recompute depths, DeepCache (headline settings and the
+            same seeds, for the full UNet, the paper's preset, `calibrate`'s plans (encoder reuse with shallow
+            recompute, or DeepCache's deep-branch reuse: whichever predicts less error) at budgets 0.6 / 0.75 / 0.9
+            and at each DeepCache row's FLOPs, encoder reuse at a fixed depth, DeepCache (headline settings and the
             settings nearest each budget) and the diffusers caches that attach. Resumable: a row already in
             results.json (same method and N) is skipped.
 6. latency: the same rows' wall time at batch 1 and 8 through the harness, parallel decoding where it applies.
@@ -326,28 +327,35 @@ def _calibration(pipe, sampler: str, results: dict) -> dict:
     return record
 
 
-def _plan(record: dict, budget: float, depth: int | None = None):
-    """`choose_plan` (depth None) or `plan_key_steps` (a fixed depth) on a stored calibration record."""
+def _variants(table: dict) -> dict:
+    """A calibration record's per-variant table with its keys ("2", "2+decoder") back as (depth, reuse_decoder)."""
+    return {(int(k.split("+")[0]), k.endswith("+decoder")): v for k, v in table.items()}
+
+
+def _plan(record: dict, budget: float, variant: tuple[int, bool] | None = None):
+    """`choose_plan` (variant None) or `plan_key_steps` (a fixed variant) on a stored calibration record."""
     from fastdiff.hooks.calibrate import choose_plan, plan_key_steps
 
-    drift = {int(d): v for d, v in record["drift"].items()}
-    non_key = {int(d): f for d, f in record["non_key_flops"].items()}
-    if depth is None:
+    drift, non_key = _variants(record["drift"]), _variants(record["non_key_flops"])
+    if variant is None:
         return choose_plan(drift, record["key_flops"], non_key, budget, record["weights"])
-    return depth, plan_key_steps(drift[depth], record["key_flops"], non_key[depth], budget, record["weights"])
+    return variant, plan_key_steps(drift[variant], record["key_flops"], non_key[variant], budget, record["weights"])
 
 
-def _calibrated_row(sampler: str, record: dict, budget: float, label: str, depth: int | None = None) -> Row:
+def _calibrated_row(sampler: str, record: dict, budget: float, label: str,
+                    variant: tuple[int, bool] | None = None) -> Row:
     """A calibrated plan as a harness row; a budget no plan meets becomes a row that records the refusal."""
-    name = f"{sampler} | calibrated {label}" + (f", recompute_shallow={depth}" if depth is not None else "")
+    name = f"{sampler} | calibrated {label}"
+    if variant is not None:
+        name += f", recompute_shallow={variant[0]}" + (", reuse_decoder" if variant[1] else ", encoder reuse")
     try:
-        chosen, plan = _plan(record, budget, depth)
+        (depth, decoder), plan = _plan(record, budget, variant)
     except ValueError as err:
         return Row(name, None, info={"budget": budget, "refused": str(err)})
     if plan is None:
-        return Row(name, None, info={"budget": budget, "refused": f"no plan at depth {depth} within {budget}"})
-    options = {"key_steps": plan.key_steps, "recompute_shallow": chosen}
-    info = {"budget": budget, "key_steps": plan.key_steps, "recompute_shallow": chosen,
+        return Row(name, None, info={"budget": budget, "refused": f"no plan of this variant within {budget}"})
+    options = {"key_steps": plan.key_steps, "recompute_shallow": depth, "reuse_decoder": decoder}
+    info = {"budget": budget, "key_steps": plan.key_steps, "recompute_shallow": depth, "reuse_decoder": decoder,
             "predicted_error": plan.predicted_error}
     return Row(name, _spec(sampler, name, encoder_propagation=options), info=info)
 
@@ -382,10 +390,25 @@ def _quality_rows(pipe, sampler: str, results: dict) -> list[Row]:
     flops = results["deepcache_flops"].get(sampler, {})
     for row in deepcache:  # the same FLOPs as each DeepCache row: the matched comparison
         rows.append(_calibrated_row(sampler, record, flops[row.name], f"@ {row.name.split(' | ')[1]}"))
-    for depth in (1, 2):
-        rows += [_calibrated_row(sampler, record, b, f"{b:.2f}", depth) for b in BUDGETS[1:]]
+    # Faster Diffusion's encoder reuse with shallow recompute (no decoder reuse)
+    rows += [_calibrated_row(sampler, record, b, f"{b:.2f}", (2, False)) for b in BUDGETS[1:]]
     rows += deepcache + _diffusers_cache_rows(pipe, sampler, results)
-    return rows
+    return _same_plans_once(rows)
+
+
+def _same_plans_once(rows: list[Row]) -> list[Row]:
+    """A calibrated row whose plan an earlier row already runs is recorded as the same plan, not run twice."""
+    seen: dict[str, str] = {}
+    out = []
+    for row in rows:
+        ep = row.spec.encoder_propagation if row.spec is not None else None
+        key = json.dumps(ep, sort_keys=True) if "calibrated" in row.name and ep else None
+        if key in seen:
+            row = Row(row.name, None, info={**row.info, "same_plan_as": seen[key]})
+        elif key is not None:
+            seen[key] = row.name
+        out.append(row)
+    return out
 
 
 def _score(images: torch.Tensor, full: torch.Tensor | None, clf, ref) -> dict:
@@ -421,7 +444,8 @@ def quality_table(n: int, results: dict, out: Path, save: Callable[[], None], sa
                 continue
             if row.spec is None:
                 rows.append({"sampler": sampler, "method": row.name, "n": n, **row.info})
-                print(f"  {row.name}: refused: {row.info['refused']}", flush=True)
+                said = row.info.get("refused") or f"the plan of {row.info['same_plan_as']}"
+                print(f"  {row.name}: {'refused: ' if 'refused' in row.info else ''}{said}", flush=True)
                 save()
                 continue
             with (row.context or contextlib.nullcontext)():
@@ -460,6 +484,25 @@ def matched_pairs(rows: list[dict]) -> list[dict]:
                           "fastdiff_flops": best["flops"] if best else None,
                           "fastdiff_psnr": best["psnr_vs_full"] if best else None,
                           "fastdiff_fd_change": best["fd"] / full["fd"] - 1 if best else None})
+    return pairs
+
+
+def cache_pairs(rows: list[dict]) -> list[dict]:
+    """Per sampler and diffusers cache row: fastdiff's best plan within its FLOPs + 0.02 (pure function)."""
+    pairs = []
+    for sampler in dict.fromkeys(r["sampler"] for r in rows if "sampler" in r):
+        mine = [r for r in rows if r.get("sampler") == sampler and "flops" in r]
+        full = next((r for r in mine if r["method"].endswith("full UNet")), None)
+        ours = [r for r in mine if "calibrated" in r["method"]]
+        for other in (r for r in mine if " | diffusers " in r["method"]):
+            fits = [r for r in ours if r["flops"] <= other["flops"] + 0.02]
+            best = max(fits, key=lambda r: r["psnr_vs_full"], default=None)
+            if full is None or best is None:
+                continue
+            pairs.append({"sampler": sampler, "cache": other["method"], "cache_flops": other["flops"],
+                          "cache_psnr": other["psnr_vs_full"], "cache_fd_change": other["fd"] / full["fd"] - 1,
+                          "fastdiff": best["method"], "fastdiff_flops": best["flops"],
+                          "fastdiff_psnr": best["psnr_vs_full"], "fastdiff_fd_change": best["fd"] / full["fd"] - 1})
     return pairs
 
 
@@ -588,13 +631,12 @@ def sd_calibration(budgets=(0.75, 0.9)) -> dict:
     result = calibrate(pipe, STEPS, max(budgets), 2, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(
         embeds), height=64, width=64, guidance_scale=7.5)
     record = result.metadata()
-    drift = {int(d): v for d, v in record["drift"].items()}
-    non_key = {int(d): f for d, f in record["non_key_flops"].items()}
+    drift, non_key = _variants(record["drift"]), _variants(record["non_key_flops"])
     plans = {}
     for budget in budgets:
         try:
-            depth, plan = choose_plan(drift, result.key_flops, non_key, budget, result.weights)
-            plans[str(budget)] = {"recompute_shallow": depth, "key_steps": plan.key_steps,
+            (depth, decoder), plan = choose_plan(drift, result.key_flops, non_key, budget, result.weights)
+            plans[str(budget)] = {"recompute_shallow": depth, "reuse_decoder": decoder, "key_steps": plan.key_steps,
                                   "flops_fraction": plan.flops_fraction, "predicted_error": plan.predicted_error}
         except ValueError as err:
             plans[str(budget)] = {"refused": str(err)}
@@ -604,9 +646,10 @@ def sd_calibration(budgets=(0.75, 0.9)) -> dict:
 
 # --------------------------------------------------------------------------------------------- 5. latency
 def _parallel(spec):
-    """The row with parallel decoding where it applies (encoder propagation without shallow recompute)."""
+    """The row with parallel decoding where it applies (encoder propagation without shallow recompute or
+    decoder reuse)."""
     ep = spec.encoder_propagation
-    if not ep or ep.get("recompute_shallow", 0):
+    if not ep or ep.get("recompute_shallow", 0) or ep.get("reuse_decoder"):
         return spec
     return dataclasses.replace(spec, encoder_propagation={**ep, "parallel": True})
 
@@ -727,7 +770,12 @@ def _md_quality(results: dict) -> list[str]:
         if "refused" in r:
             lines.append(f"| {r['sampler']} | {method} | - | - | - | - | - | refused: {r['refused']} |")
             continue
-        plan = (f"depth {r['recompute_shallow']}, {len(r['key_steps'])} key steps" if "key_steps" in r else "")
+        if "same_plan_as" in r:
+            lines.append(f"| {r['sampler']} | {method} | - | - | - | - | - | the same plan as "
+                         f"{r['same_plan_as'].split(' | ')[1]} |")
+            continue
+        plan = (f"depth {r['recompute_shallow']}{' + decoder reuse' if r.get('reuse_decoder') else ''}, "
+                f"{len(r['key_steps'])} key steps" if "key_steps" in r else "")
         change = r["fd"] / full[r["sampler"]] - 1 if r["sampler"] in full else float("nan")
         lines.append(f"| {r['sampler']} | {method} | {r['flops']:.3f} | {r['fd']:.3f} | {change:+.1%} | "
                      f"{r['psnr_vs_full']:.2f} | {r['seconds']:.1f} | {plan} |")
@@ -757,6 +805,17 @@ def _md_pairs(rows: list[dict]) -> list[str]:
                      f"{p['deepcache_psnr']:.2f} | {p['deepcache_fd_change']:+.1%} | "
                      f"{p['fastdiff'].split(' | ')[1]} | {p['fastdiff_flops']:.3f} | {p['fastdiff_psnr']:.2f} | "
                      f"{p['fastdiff_fd_change']:+.1%} | {'met' if met else 'missed'} |")
+    caches = cache_pairs(rows)
+    if caches:
+        lines += ["", "Against each diffusers cache that attached: fastdiff's best plan within the cache's FLOPs + "
+                  "0.02. Goal: PSNR above the cache's.", "",
+                  "| sampler | cache | FLOPs | PSNR | FD change | fastdiff | FLOPs | PSNR | FD change | goal |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for p in caches:
+            lines.append(f"| {p['sampler']} | {p['cache'].split(' | ')[1]} | {p['cache_flops']:.3f} | "
+                         f"{p['cache_psnr']:.2f} | {p['cache_fd_change']:+.1%} | {p['fastdiff'].split(' | ')[1]} | "
+                         f"{p['fastdiff_flops']:.3f} | {p['fastdiff_psnr']:.2f} | {p['fastdiff_fd_change']:+.1%} | "
+                         f"{'met' if p['fastdiff_psnr'] > p['cache_psnr'] else 'missed'} |")
     return lines + [""]
 
 
@@ -765,18 +824,20 @@ def _md_calibration(results: dict) -> list[str]:
     for sampler, record in (results.get("calibration") or {}).items():
         if not lines:
             lines += ["## Calibration (`fastdiff.hooks.calibrate`), reference model", "",
-                      "| sampler | seconds | key step GFLOPs | non-key GFLOPs by recompute depth |",
+                      "| sampler | seconds | key step GFLOPs | non-key GFLOPs by variant (recompute depth, "
+                      "+decoder: reuse_decoder) |",
                       "|---|---|---|---|"]
         depths = ", ".join(f"{d}: {f / 1e9:.3f}" for d, f in record["non_key_flops"].items())
         lines.append(f"| {sampler} | {record['seconds']:.1f} | {record['key_flops'] / 1e9:.3f} | {depths} |")
     sd = results.get("sd_calibration")
     if sd:
         lines += ["", f"SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5, 2 images): calibration "
-                      f"{sd['seconds']:.1f} s; key step {sd['key_flops'] / 1e9:.2f} GFLOPs; non-key by depth "
+                      f"{sd['seconds']:.1f} s; key step {sd['key_flops'] / 1e9:.2f} GFLOPs; non-key by variant "
                       + ", ".join(f"{d}: {f / sd['key_flops']:.3f}" for d, f in sd["non_key_flops"].items())
                       + " of a key step.", ""]
         for budget, plan in sd["budget_plans"].items():
-            text = plan.get("refused") or (f"recompute_shallow={plan['recompute_shallow']}, key steps "
+            text = plan.get("refused") or (f"recompute_shallow={plan['recompute_shallow']}, reuse_decoder="
+                                           f"{plan.get('reuse_decoder', False)}, key steps "
                                            f"{plan['key_steps']}, FLOPs {plan['flops_fraction']:.3f}")
             lines.append(f"- budget {budget}: {text}")
     return lines + ([""] if lines else [])

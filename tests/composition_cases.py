@@ -5,6 +5,8 @@ Members of a stack (any subset, applied in the order given, one `fastdiff.apply`
   without it the stack samples with DDIM (DDPM under SVDD) for `STEPS` steps;
 - "ep" / "ep_parallel": encoder propagation with sparse key steps, sequential / parallel decoding;
 - "ep_shallow": the same key steps with shallow recompute (conv_in and two encoder layers run at every step);
+- "ep_deep": the same key steps with DeepCache's deep-branch reuse (conv_in, one encoder layer and the two decoder
+  layers that read their skips run at every step);
 - "block_skip": AutoDiffusion layer skips at three steps;
 - "svdd1", "svdd3" (SVDD-PM with M = 1, 3), "svdd3_mc" (SVDD-MC, M = 3, a fixed value function), and
   each with "_chunked" (max_batch = 1): `svdd_sample` instead of `pipe(...)`;
@@ -31,6 +33,8 @@ HOOKS = {
     "ep_parallel": EncoderPropagationConfig(key_steps=[0, 1, 3], parallel=True),
     "ep_shallow": EncoderPropagationConfig(key_steps=[0, 1, 3], recompute_shallow=2),
     "ep_shallow_all_keys": EncoderPropagationConfig(key_steps=1, recompute_shallow=2),
+    "ep_deep": EncoderPropagationConfig(key_steps=[0, 1, 3], recompute_shallow=1, reuse_decoder=True),
+    "ep_deep_all_keys": EncoderPropagationConfig(key_steps=1, recompute_shallow=1, reuse_decoder=True),
     "block_skip": BlockSkipConfig(skips=[(1, 0), (2, 3), (4, 5)]),
 }
 

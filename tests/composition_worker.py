@@ -26,8 +26,8 @@ cases = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cases)
 
 FIVE_WAY = [("dpm", "ep", "block_skip", "svdd1"), ("dpm", "ep_parallel", "svdd1")]
-REFERENCE_STACKS = [("dpm",), ("ep",), ("ep_parallel",), ("ep_shallow",), ("block_skip",), ("svdd1",), ("svdd3",),
-                    ("svdd3_chunked",), ("dpm", "ep_parallel", "svdd3_mc"), *FIVE_WAY]
+REFERENCE_STACKS = [("dpm",), ("ep",), ("ep_parallel",), ("ep_shallow",), ("ep_deep",), ("block_skip",), ("svdd1",),
+                    ("svdd3",), ("svdd3_chunked",), ("dpm", "ep_parallel", "svdd3_mc"), *FIVE_WAY]
 TINY_SD_STACKS = [("ep",), FIVE_WAY[1]]
 
 

@@ -81,7 +81,7 @@ class _Calls:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("guidance", GUIDANCE)
 @pytest.mark.parametrize("dpm", [(), ("dpm",)])
-@pytest.mark.parametrize("ep", ["ep", "ep_shallow"])
+@pytest.mark.parametrize("ep", ["ep", "ep_shallow", "ep_deep"])
 def test_hooks_do_not_depend_on_the_order_applied(pipes, kind, guidance, dpm, ep):
     pipe = pipes[kind]
     one = cases.run(pipe, kind, guidance, (*dpm, ep, "block_skip"))
@@ -103,14 +103,15 @@ def test_exact_references(pipes, kind, guidance):
         # every step a key step: encoder propagation changes nothing, whatever it is stacked with
         for other in ((), ("block_skip",)):
             plain = cases.run(pipe, kind, guidance, (*dpm, *other))
-            for ep in ("ep_all_keys", "ep_shallow_all_keys"):
+            for ep in ("ep_all_keys", "ep_shallow_all_keys", "ep_deep_all_keys"):
                 assert torch.equal(cases.run(pipe, kind, guidance, (*dpm, *other, ep)), plain)
 
 
 # --- SVDD on top of every hook ------------------------------------------------------------------------------
 
 
-HOOK_SETS = [(), ("ep",), ("ep_parallel",), ("block_skip",), ("ep", "block_skip"), ("ep_shallow", "block_skip")]
+HOOK_SETS = [(), ("ep",), ("ep_parallel",), ("block_skip",), ("ep", "block_skip"), ("ep_shallow", "block_skip"),
+             ("ep_deep", "block_skip")]
 # the whole matrix on the reference model; tiny SD (a real StableDiffusionPipeline, VAE-decoded rewards) at w = 3
 SVDD_CASES = [("reference", w, hooks) for w in GUIDANCE for hooks in HOOK_SETS]
 SVDD_CASES += [("tiny_sd", 3.0, hooks) for hooks in (("ep",), ("block_skip",))]

@@ -11,6 +11,7 @@ from fastdiff.hooks.calibrate import calibrate_key_steps
 from fastdiff.hooks.encoder_propagation import (
     EncoderPropagationConfig,
     apply_encoder_propagation,
+    decoder_layers,
     encoder_layers,
     encoder_propagation,
     remove_encoder_propagation,
@@ -23,6 +24,7 @@ __all__ = [
     "apply_encoder_propagation",
     "block_skip",
     "calibrate_key_steps",
+    "decoder_layers",
     "encoder_propagation",
     "encoder_layers",
     "remove_block_skip",

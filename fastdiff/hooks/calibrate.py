@@ -4,16 +4,17 @@ Faster Diffusion (arXiv 2312.09608) reuses encoder features at non-key steps; wh
 depends on the model. `calibrate_key_steps` measures it on a few seeded full-UNet calls of the user's own
 pipeline:
 
-- **drift**: at every step j >= 1 and every recompute depth d (`recompute_shallow`), the UNet output when the
-  encoder layers deeper than d are served from step j - 1, against the full output at step j (RMS over the
-  output, mean over the batch rows): the error of reusing a one-step-old encoder;
-- **costs**: FLOPs of a key step and of a non-key step at each depth, counted once with
+- **drift**: at every step j >= 1 and every variant of the non-key step (recompute depth d = `recompute_shallow`,
+  with or without `reuse_decoder`), the UNet output when the layers deeper than d are served from step j - 1,
+  against the full output at step j (RMS over the output, mean over the batch rows): the error of reusing
+  one-step-old features;
+- **costs**: FLOPs of a key step and of a non-key step of each variant, counted once with
   `torch.utils.flop_counter.FlopCounterMode` on the pipeline's UNet at the inputs of the calibration call;
 - **plan** (`plan_key_steps`, pure): reusing key step s's features at step j is predicted to cost
   ``w_j * (drift[s+1] + ... + drift[j])`` (one-step drifts accumulate along the gap), with ``w_j = 1``
   (`weighting="uniform"`) or the first-order effect of an output error at step j on the final sample
   (`weighting="sigma"`, `step_error_weights`); a dynamic programme picks the key steps with the least total
-  predicted error among the plans whose FLOPs fit the budget, and `choose_plan` picks the depth whose best
+  predicted error among the plans whose FLOPs fit the budget, and `choose_plan` picks the variant whose best
   plan predicts the least error.
 
 On the reference digit model (DDIM-50, N = 50) uniform weights gave plans 1-2 dB closer to the full-UNet
@@ -35,7 +36,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from fastdiff.compose import apply, attachments
-from fastdiff.hooks.encoder_propagation import EncoderPropagationConfig, encoder_layers
+from fastdiff.hooks.encoder_propagation import EncoderPropagationConfig, Variant, encoder_layers
 
 _INPUTS_HOOK = "fastdiff_calibrate_inputs"
 
@@ -151,25 +152,31 @@ def plan_key_steps(drift: Sequence[float], key_cost: float, non_key_cost: float,
     return KeyStepPlan(keys, float(best[n]), flops)
 
 
-def choose_plan(drifts: Mapping[int, Sequence[float]], key_cost: float, non_key_costs: Mapping[int, float],
-                flops_budget: float, weights: Sequence[float] | None = None) -> tuple[int, KeyStepPlan]:
-    """Faster Diffusion with shallow recompute: the depth (`recompute_shallow`) whose best plan predicts the least
-    error within the budget (ties: the fewer FLOPs, then the shallower depth); pure. Raises ValueError naming the
-    least budget that any depth can meet."""
+def choose_plan(drifts: Mapping[Any, Sequence[float]], key_cost: float, non_key_costs: Mapping[Any, float],
+                flops_budget: float, weights: Sequence[float] | None = None) -> tuple[Any, KeyStepPlan]:
+    """Faster Diffusion with shallow recompute / DeepCache's deep branch: the non-key variant (any sortable key of
+    `drifts`, e.g. (recompute_shallow, reuse_decoder)) whose best plan predicts the least error within the budget
+    (ties: the fewer FLOPs, then the smaller key); pure. Raises ValueError naming the least budget any variant meets."""
     found = []
-    for depth in sorted(drifts):
-        plan = plan_key_steps(drifts[depth], key_cost, non_key_costs[depth], flops_budget, weights)
+    for variant in sorted(drifts):
+        plan = plan_key_steps(drifts[variant], key_cost, non_key_costs[variant], flops_budget, weights)
         if plan is not None:
-            found.append((plan.predicted_error, plan.flops_fraction, depth, plan))
+            found.append((plan.predicted_error, plan.flops_fraction, variant, plan))
     if not found:
         n = len(next(iter(drifts.values())))
-        least = min((key_cost + (n - 1) * non_key_costs[d]) / (n * key_cost) for d in drifts)
+        least = min((key_cost + (n - 1) * non_key_costs[v]) / (n * key_cost) for v in drifts)
         raise ValueError(
             f"flops_budget={flops_budget} is below the cheapest plan for this UNet ({least:.4f} of the full UNet's "
-            f"FLOPs: step 0 full, every other step without the encoder): use a budget of at least {least:.4f}."
+            f"FLOPs: step 0 full, every other step at the cheapest non-key step): use a budget of at least {least:.4f}."
         )
-    _, _, depth, plan = min(found, key=lambda item: item[:3])
-    return depth, plan
+    _, _, variant, plan = min(found, key=lambda item: item[:3])
+    return variant, plan
+
+
+def variant_name(variant: Variant) -> str:
+    """A non-key variant as text (JSON keys, tables): "2" = recompute_shallow=2, "2+decoder" = with reuse_decoder."""
+    depth, reuse_decoder = variant
+    return f"{depth}+decoder" if reuse_decoder else str(depth)
 
 
 # ---------------------------------------------------------------------------------------- the measurement
@@ -181,21 +188,21 @@ class Calibration:
     predicted_error: float
     flops_fraction: float
     num_steps: int
-    drift: dict[int, list[float]]  # depth -> per-step drift of the UNet output (step 0: 0)
+    drift: dict[Variant, list[float]]  # (depth, reuse_decoder) -> per-step drift of the UNet output (step 0: 0)
     weights: list[float]
     key_flops: int
-    non_key_flops: dict[int, int]  # depth -> FLOPs of a non-key step
+    non_key_flops: dict[Variant, int]  # (depth, reuse_decoder) -> FLOPs of a non-key step
     seconds: float
-    plans: dict[int, dict[str, Any]] = field(default_factory=dict)  # depth -> its best plan (key steps, error, FLOPs)
+    plans: dict[Variant, dict[str, Any]] = field(default_factory=dict)  # variant -> its best plan
 
     def metadata(self) -> dict[str, Any]:
         """JSON-ready record of the measurement, for `EncoderPropagationConfig.to_json(path, calibration=...)`."""
         return {
             "num_steps": self.num_steps, "predicted_error": self.predicted_error,
             "flops_fraction": self.flops_fraction, "key_flops": self.key_flops,
-            "non_key_flops": {str(d): f for d, f in self.non_key_flops.items()}, "seconds": self.seconds,
-            "weights": self.weights, "drift": {str(d): v for d, v in self.drift.items()},
-            "plans": {str(d): p for d, p in self.plans.items()},
+            "non_key_flops": {variant_name(v): f for v, f in self.non_key_flops.items()}, "seconds": self.seconds,
+            "weights": self.weights, "drift": {variant_name(v): d for v, d in self.drift.items()},
+            "plans": {variant_name(v): p for v, p in self.plans.items()},
         }
 
 
@@ -213,15 +220,15 @@ class _FirstInputs(ModelHook):
 
 
 class _DriftMeter:
-    """Accumulates, per depth and step, the mean over rows of RMS(served output - full output)."""
+    """Accumulates, per variant and step, the mean over rows of RMS(served output - full output)."""
 
-    def __init__(self, depths: Sequence[int], num_steps: int) -> None:
-        self.drift = {d: [0.0] * num_steps for d in depths}
+    def __init__(self, variants: Sequence[Variant], num_steps: int) -> None:
+        self.drift = {v: [0.0] * num_steps for v in variants}
 
-    def __call__(self, step: int, served: dict[int, torch.Tensor], full: torch.Tensor) -> None:
-        for depth, output in served.items():
+    def __call__(self, step: int, served: dict[Variant, torch.Tensor], full: torch.Tensor) -> None:
+        for variant, output in served.items():
             rms = (output.float() - full.float()).flatten(1).square().mean(1).sqrt()
-            self.drift[depth][step] = float(rms.mean())
+            self.drift[variant][step] = float(rms.mean())
 
 
 def _weights(scheduler: Any, num_steps: int, weighting: str) -> list[float]:
@@ -238,8 +245,9 @@ def _weights(scheduler: Any, num_steps: int, weighting: str) -> list[float]:
     return step_error_weights(at, final, prediction)
 
 
-def _count_flops(unet: torch.nn.Module, call: tuple[tuple, dict], depths: Sequence[int]) -> tuple[int, dict[int, int]]:
-    """FlopCounterMode FLOPs of the UNet at `call`: a full forward, and a non-key forward at each depth."""
+def _count_flops(unet: torch.nn.Module, call: tuple[tuple, dict],
+                 variants: Sequence[Variant]) -> tuple[int, dict[Variant, int]]:
+    """FlopCounterMode FLOPs of the UNet at `call`: a full forward, and a non-key forward of each variant."""
     from torch.utils.flop_counter import FlopCounterMode
 
     args, kwargs = call
@@ -250,25 +258,27 @@ def _count_flops(unet: torch.nn.Module, call: tuple[tuple, dict], depths: Sequen
             unet(*args, **kwargs)
         key = counter.get_total_flops()
         non_key = {}
-        for depth in depths:
-            with apply(unet, EncoderPropagationConfig(key_steps=[0], recompute_shallow=depth), scheduler=stub):
+        for depth, reuse_decoder in variants:
+            config = EncoderPropagationConfig(key_steps=[0], recompute_shallow=depth, reuse_decoder=reuse_decoder)
+            with apply(unet, config, scheduler=stub):
                 unet(*args, **kwargs)
                 with FlopCounterMode(display=False) as counter:
                     unet(*args, **kwargs)
-            non_key[depth] = counter.get_total_flops()
+            non_key[(depth, reuse_decoder)] = counter.get_total_flops()
     return key, non_key
 
 
-def _measure(pipe, num_steps: int, depths: list[int], num_images: int, seed: int,
-             call_kwargs: dict) -> tuple[dict[int, list[float]], tuple[tuple, dict]]:
-    """The seeded full-UNet call with drift probes at every depth; returns the drifts and the first UNet inputs."""
+def _measure(pipe, num_steps: int, variants: list[Variant], num_images: int, seed: int,
+             call_kwargs: dict) -> tuple[dict[Variant, list[float]], tuple[tuple, dict]]:
+    """The seeded full-UNet call with drift probes of every variant; returns the drifts and the first UNet inputs."""
     unet = pipe.unet
-    meter = _DriftMeter(depths, num_steps)
+    meter = _DriftMeter(variants, num_steps)
     inputs = _FirstInputs()
     full = len(encoder_layers(unet))
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
-    with apply(pipe, EncoderPropagationConfig(key_steps=1, recompute_shallow=full)) as handle:
-        handle["encoder_propagation"].set_probe(depths, meter)
+    every_step = EncoderPropagationConfig(key_steps=1, recompute_shallow=full, reuse_decoder=True)
+    with apply(pipe, every_step) as handle:
+        handle["encoder_propagation"].set_probe(variants, meter)
         HookRegistry.check_if_exists_or_initialize(unet).register_hook(inputs, _INPUTS_HOOK)
         try:
             with torch.no_grad():
@@ -280,10 +290,23 @@ def _measure(pipe, num_steps: int, depths: list[int], num_images: int, seed: int
     return meter.drift, inputs.call
 
 
+def calibration_variants(layers: int, recompute_shallow: int | None = None,
+                         reuse_decoder: bool | None = None) -> list[Variant]:
+    """The non-key variants a calibration compares for an encoder of `layers` layers (pure).
+
+    Encoder reuse at depths 0..layers (Faster Diffusion; `layers` recomputes the whole encoder, a full step), and
+    deep-branch reuse (DeepCache) at depths 0..layers - 2 (at layers - 1 and deeper no decoder layer is replayed:
+    the same step as encoder reuse); `recompute_shallow` / `reuse_decoder` fix either choice.
+    """
+    variants = [(d, False) for d in range(layers + 1)] + [(d, True) for d in range(max(0, layers - 1))]
+    return [(d, r) for d, r in variants
+            if (recompute_shallow is None or d == recompute_shallow) and (reuse_decoder is None or r == reuse_decoder)]
+
+
 def calibrate(pipe, num_inference_steps: int, flops_budget: float, num_images: int = 4, *,
-              recompute_shallow: int | None = None, seed: int = 0,
+              recompute_shallow: int | None = None, reuse_decoder: bool | None = None, seed: int = 0,
               weighting: Literal["uniform", "sigma"] = "uniform", **call_kwargs: Any) -> Calibration:
-    """Faster Diffusion key steps (and shallow recompute depth) measured for `pipe`'s UNet; see `calibrate_key_steps`.
+    """Faster Diffusion key steps (and non-key variant) measured for `pipe`'s UNet; see `calibrate_key_steps`.
 
     Returns the whole measurement (`Calibration`): the chosen config, the drift table, the FLOPs, the plans.
     """
@@ -291,26 +314,31 @@ def calibrate(pipe, num_inference_steps: int, flops_budget: float, num_images: i
     _check(pipe, num_inference_steps, flops_budget, num_images, call_kwargs)
     if weighting not in ("uniform", "sigma"):
         raise ValueError(f"weighting={weighting!r}: use 'uniform' or 'sigma'.")
+    if reuse_decoder is not None and not isinstance(reuse_decoder, bool):
+        raise ValueError(f"reuse_decoder={reuse_decoder!r}: use True, False or None (try both).")
     layers = len(encoder_layers(pipe.unet))
     if recompute_shallow is not None and (not isinstance(recompute_shallow, int) or
                                           not 0 <= recompute_shallow <= layers):
         raise ValueError(f"recompute_shallow={recompute_shallow!r}: this UNet's encoder has {layers} layers, use "
                          f"0-{layers} or None (choose the depth).")
-    depths = [recompute_shallow] if recompute_shallow is not None else list(range(layers + 1))
-    probed = [d for d in depths if d < layers]  # at the full depth a non-key step is the full UNet: no drift
+    variants = calibration_variants(layers, recompute_shallow, reuse_decoder)
+    if not variants:
+        raise ValueError(f"reuse_decoder=True needs recompute_shallow <= {layers - 2} on this UNet (deeper, no "
+                         "decoder layer is replayed): use a shallower depth or reuse_decoder=None.")
+    probed = [v for v in variants if v[0] < layers]  # at the full depth a non-key step is the full UNet: no drift
     drift, call = _measure(pipe, num_inference_steps, probed, num_images, seed,
                            {"output_type": "latent", **call_kwargs})
-    drift.update({d: [0.0] * num_inference_steps for d in depths if d == layers})
-    key, non_key = _count_flops(pipe.unet, call, depths)
+    drift.update({v: [0.0] * num_inference_steps for v in variants if v[0] == layers})
+    key, non_key = _count_flops(pipe.unet, call, variants)
     weights = _weights(pipe.scheduler, num_inference_steps, weighting)
-    depth, plan = choose_plan(drift, key, non_key, flops_budget, weights)
+    (depth, decoder), plan = choose_plan(drift, key, non_key, flops_budget, weights)
     plans = {}
-    for d in depths:
-        p = plan_key_steps(drift[d], key, non_key[d], flops_budget, weights)
+    for v in variants:
+        p = plan_key_steps(drift[v], key, non_key[v], flops_budget, weights)
         if p is not None:
-            plans[d] = {"key_steps": p.key_steps, "predicted_error": p.predicted_error,
+            plans[v] = {"key_steps": p.key_steps, "predicted_error": p.predicted_error,
                         "flops_fraction": p.flops_fraction}
-    config = EncoderPropagationConfig(key_steps=plan.key_steps, recompute_shallow=depth)
+    config = EncoderPropagationConfig(key_steps=plan.key_steps, recompute_shallow=depth, reuse_decoder=decoder)
     return Calibration(config, plan.predicted_error, plan.flops_fraction, num_inference_steps, drift, weights, key,
                        non_key, time.perf_counter() - start, plans)
 
@@ -335,13 +363,14 @@ def _check(pipe, num_steps: int, flops_budget: float, num_images: int, call_kwar
 
 
 def calibrate_key_steps(pipe, num_inference_steps: int, flops_budget: float, num_images: int = 4, *,
-                        recompute_shallow: int | None = None, seed: int = 0,
+                        recompute_shallow: int | None = None, reuse_decoder: bool | None = None, seed: int = 0,
                         weighting: Literal["uniform", "sigma"] = "uniform",
                         **call_kwargs: Any) -> EncoderPropagationConfig:
     """Faster Diffusion (arXiv 2312.09608) key steps measured for this pipeline's UNet within a FLOPs budget.
 
     Runs one seeded full-UNet call of `num_images` images (image i: seed `seed + i`), measures how far the UNet
-    output moves when the encoder is one step old (at each `recompute_shallow` depth), counts FLOPs with
+    output moves when features are one step old (each `recompute_shallow` depth, with and without the deep decoder
+    replayed as well: `reuse_decoder`), counts FLOPs with
     FlopCounterMode at the call's inputs, and returns the plan with the least predicted error whose UNet FLOPs
     over a `num_inference_steps` call are at most `flops_budget` times the full UNet's. Step 0 is always a key step.
 
@@ -351,6 +380,8 @@ def calibrate_key_steps(pipe, num_inference_steps: int, flops_budget: float, num
         flops_budget: fraction of the full UNet's FLOPs over the whole call (e.g. 0.75).
         num_images: images of the calibration call.
         recompute_shallow: a fixed depth, or None to choose it (0 = replay the whole encoder).
+        reuse_decoder: also replay the deep decoder at non-key steps (DeepCache's branch: True), not (False), or
+            None to compare both and take the better plan.
         seed: the first image's seed.
         weighting: how an error counts per step: `"uniform"`, or `"sigma"` (its first-order effect on the sample).
         **call_kwargs: passed to the pipeline (class_labels, prompt, guidance_scale, height, ...), one entry per image.
@@ -366,4 +397,4 @@ def calibrate_key_steps(pipe, num_inference_steps: int, flops_budget: float, num
         ...     images = pipe(class_labels=[3], guidance_scale=1.0, num_inference_steps=50).images
     """
     return calibrate(pipe, num_inference_steps, flops_budget, num_images, recompute_shallow=recompute_shallow,
-                     seed=seed, weighting=weighting, **call_kwargs).config
+                     reuse_decoder=reuse_decoder, seed=seed, weighting=weighting, **call_kwargs).config

@@ -15,6 +15,12 @@ Shallow recompute (`recompute_shallow=k`): at non-key steps `conv_in` and the fi
 ladder (`encoder_layers`: one layer per resnet(+attention) pair, one per downsampler, the mid block last) run
 on the current latent; only the deeper layers' outputs are replayed from the last key step.
 
+Deep-branch reuse (`reuse_decoder=True`, DeepCache's cache, Ma et al. 2024, arXiv 2312.00858): at non-key steps
+the decoder layers that read only replayed skip features are replayed too (`decoder_layers`), so a non-key step
+runs `conv_in`, the first k encoder layers and the k + 1 decoder layers that read their skips, and nothing
+deeper. With an interval `key_steps=I` and `recompute_shallow=k` this is DeepCache's uniform 1:I schedule with
+its skip branch at skip feature k; calibrated key steps place the full steps where the model needs them.
+
 Parallel decoding: non-key decoders never read the latent, so at a key step the decoders of the whole
 following non-key group run as one batched UNet call (per-sample timesteps from `scheduler.timesteps`,
 chunked by `max_parallel_batch`), and the following steps are served from that batch.
@@ -50,6 +56,7 @@ PRESETS: dict[str, tuple[int, tuple[int, ...]]] = {
     "fd20": (20, (0, 1, 2, 3, 5, 10, 15)),
 }
 
+Variant = tuple[int, bool]  # (recompute_shallow, reuse_decoder): what a non-key step recomputes
 _RESIDUAL_KEYS = ("down_block_additional_residuals", "mid_block_additional_residual")
 JSON_FORMAT = "fastdiff.encoder_propagation"
 
@@ -76,6 +83,10 @@ class EncoderPropagationConfig:
             at non-key steps, recompute `conv_in` and the first k layers of `encoder_layers(unet)` on the current
             latent and replay only the deeper ones; 0 replays the whole encoder, `len(encoder_layers(unet))`
             recomputes all of it. Needs `parallel=False` (recomputed layers read the current latent).
+        reuse_decoder (`bool`, defaults to `False`):
+            at non-key steps also replay the decoder layers deeper than the recomputed skips (DeepCache's deep
+            branch): `conv_in` always runs then, and `recompute_shallow=k` runs skip features 0..k and the k + 1
+            decoder layers that read them (`decoder_layers`). Needs `parallel=False`.
     """
 
     key_steps: list[int] | int | Literal["fd50", "fd20"]
@@ -84,6 +95,7 @@ class EncoderPropagationConfig:
     noise_injection_tau: float = 500
     max_parallel_batch: int | None = None
     recompute_shallow: int = 0
+    reuse_decoder: bool = False
 
     def __post_init__(self) -> None:
         ks = self.key_steps
@@ -119,6 +131,14 @@ class EncoderPropagationConfig:
                 f"recompute_shallow={k} cannot run with parallel decoding: the recomputed layers read the current "
                 "latent, which a key step's batched pass does not have for the later steps. Use parallel=False, "
                 "or recompute_shallow=0."
+            )
+        if not isinstance(self.reuse_decoder, bool):
+            raise ValueError(f"reuse_decoder={self.reuse_decoder!r} must be True or False.")
+        if self.reuse_decoder and self.parallel:
+            raise ValueError(
+                "reuse_decoder=True cannot run with parallel decoding: a non-key step then runs conv_in and the "
+                "shallow decoder on the current latent, which a key step's batched pass does not have. Use "
+                "parallel=False, or reuse_decoder=False."
             )
 
     def to_json(self, path: str | Path, **metadata: Any) -> Path:
@@ -217,6 +237,29 @@ def encoder_layers(unet: torch.nn.Module) -> list[tuple[str, list[torch.nn.Modul
     return layers
 
 
+def decoder_layers(unet: torch.nn.Module) -> list[tuple[str, list[torch.nn.Module], int]]:
+    """DeepCache's deep branch on the decoder side: each up-block resnet(+attention) with the skip feature it reads.
+
+    Returns (name, modules, skip) in decoder order; skip 0 is conv_in's output and skip i + 1 the output of
+    `encoder_layers(unet)[i]`, so the decoder layer reading skip j runs at a `reuse_decoder` non-key step
+    exactly when j <= `recompute_shallow`.
+    """
+    skips = 1 + sum(1 for name, _ in encoder_layers(unet) if name != "mid_block")
+    layers: list[tuple[str, list[torch.nn.Module], int]] = []
+    for i, block in enumerate(unet.up_blocks):
+        resnets = getattr(block, "resnets", None)
+        attentions = getattr(block, "attentions", None) or [None] * len(resnets or [])
+        if resnets is None or len(attentions) != len(resnets):
+            raise ValueError(f"up_blocks.{i} ({type(block).__name__}) is not a resnet(+attention) block: "
+                             "reuse_decoder needs diffusers' up blocks; use reuse_decoder=False.")
+        for j, (resnet, attention) in enumerate(zip(resnets, attentions)):
+            skips -= 1
+            layers.append((f"up_blocks.{i}.layers.{j}", [m for m in (resnet, attention) if m is not None], skips))
+    if skips != 0:
+        raise ValueError("this UNet's up blocks do not read one skip feature per resnet: use reuse_decoder=False.")
+    return layers
+
+
 def _tile(value: Any, m: int) -> Any:
     """Repeat every tensor in `value` (a tensor, or nested tuples/lists/dicts) m times along dim 0."""
     if torch.is_tensor(value):
@@ -264,7 +307,9 @@ class _PropagationState:
         self.config = config
         self.clock = clock
         self.depth = config.recompute_shallow  # layers of `encoder_layers` recomputed at non-key steps
-        self.probe: tuple[tuple[int, ...], Callable[[int, dict[int, torch.Tensor], torch.Tensor], None]] | None = None
+        self.reuse_decoder = config.reuse_decoder  # replay the decoder layers that read replayed skips
+        self.probe: tuple[tuple[Variant, ...], Callable[[int, dict[Variant, torch.Tensor], torch.Tensor], None]] | None
+        self.probe = None
         self.reset()
 
     def reset(self) -> None:
@@ -325,14 +370,34 @@ class EncoderPartHook(ModelHook):
         self.first_layer = first_layer
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        mode = self.state.mode
-        if mode == "serve" and self.first_layer >= self.state.depth:
-            return self.state.cache.features[self.slot]
+        mode, state = self.state.mode, self.state
+        if mode == "serve" and self.first_layer >= state.depth and not (self.slot == "conv_in" and state.reuse_decoder):
+            return state.cache.features[self.slot]
         if mode == "tile":
             return _tile(self.state.cache.features[self.slot], self.state.repeat)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if mode == "record":
             self.state.cache.features[self.slot] = output
+        return output
+
+
+class DecoderPartHook(ModelHook):
+    """DeepCache's deep branch: a decoder part (layer, upsampler, up block) recorded at key steps and replayed at
+    `reuse_decoder` non-key steps when the shallowest skip feature it reads is deeper than the recompute depth."""
+
+    def __init__(self, state: _PropagationState, slot: str, skip: int) -> None:
+        super().__init__()
+        self.state = state
+        self.slot = slot
+        self.skip = skip
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        mode, state = self.state.mode, self.state
+        if mode == "serve" and state.reuse_decoder and self.skip > state.depth:
+            return state.cache.features[self.slot]
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if mode == "record":
+            state.cache.features[self.slot] = output
         return output
 
 
@@ -403,17 +468,17 @@ class EncoderPropagationHook(_StateHook):
             call["down_intrablock_additional_residuals"] = None  # already inside the recorded features
         return self._run("serve", call)
 
-    def _probe(self, call: dict[str, Any]) -> dict[int, torch.Tensor]:
-        """Calibration: this step's UNet output at each probed depth, served from the previous step's features."""
+    def _probe(self, call: dict[str, Any]) -> dict[Variant, torch.Tensor]:
+        """Calibration: this step's UNet output for each probed variant, served from the previous step's features."""
         state = self.state
-        depths, _ = state.probe
+        variants, _ = state.probe
         outputs = {}
         try:
-            for depth in depths:
-                state.depth = depth
-                outputs[depth] = self._serve(call)[0]
+            for depth, reuse_decoder in variants:
+                state.depth, state.reuse_decoder = depth, reuse_decoder
+                outputs[(depth, reuse_decoder)] = self._serve(call)[0]
         finally:
-            state.depth = state.config.recompute_shallow
+            state.depth, state.reuse_decoder = state.config.recompute_shallow, state.config.reuse_decoder
         return outputs
 
     @staticmethod
@@ -478,20 +543,25 @@ class EncoderPropagationAttachment(Attachment):
         super().__init__(config)
         self.unet, self.controlnet = unet, controlnet
         self.state = _PropagationState(config, clock)
-        self.layers = encoder_layers(unet) if config.recompute_shallow else []
+        self.layers = encoder_layers(unet) if config.recompute_shallow or config.reuse_decoder else []
+        self.decoder = decoder_layers(unet) if config.reuse_decoder else []
         if config.recompute_shallow > len(self.layers):
             raise ValueError(
                 f"recompute_shallow={config.recompute_shallow}, but this UNet's encoder has {len(self.layers)} layers "
                 f"(fastdiff.hooks.encoder_layers): use 0-{len(self.layers)}."
             )
 
-    def set_probe(self, depths: Sequence[int],
-                  callback: Callable[[int, dict[int, torch.Tensor], torch.Tensor], None] | None) -> None:
-        """Calibration: at every key step after the first, also run the UNet with the previous step's features at each
-        recompute depth in `depths` and pass (step, {depth: output}, full output) to `callback` (None: stop)."""
-        if callback is not None and max(depths, default=0) > len(self.layers):
-            raise ValueError(f"probe depths {list(depths)} exceed the {len(self.layers)} layers hooked.")
-        self.state.probe = None if callback is None else (tuple(depths), callback)
+    def set_probe(self, variants: Sequence[Variant],
+                  callback: Callable[[int, dict[Variant, torch.Tensor], torch.Tensor], None] | None) -> None:
+        """Calibration: at every key step after the first, also run the UNet with the previous step's features for each
+        (recompute depth, reuse_decoder) in `variants` and pass (step, {variant: output}, full output) to `callback`
+        (None: stop)."""
+        if callback is not None:
+            if max((d for d, _ in variants), default=0) > len(self.layers):
+                raise ValueError(f"probe depths {list(variants)} exceed the {len(self.layers)} layers hooked.")
+            if any(r for _, r in variants) and not self.decoder:
+                raise ValueError("probing reuse_decoder variants needs a config with reuse_decoder=True.")
+        self.state.probe = None if callback is None else (tuple(variants), callback)
 
     def hooks(self) -> list[HookSpec]:
         unet, state = self.unet, self.state
@@ -510,9 +580,28 @@ class EncoderPropagationAttachment(Attachment):
             parts.append(("mid_block", unet.mid_block))
         specs = [HookSpec(role, module, EncoderPartHook(state, slot, first.get(slot, 0))) for slot, module in parts]
         specs += layer_specs
+        specs += self._decoder_specs()
         specs.append(HookSpec("encoder_propagation.unet", unet, EncoderPropagationHook(state)))
         if self.controlnet is not None:
             specs.append(HookSpec("encoder_propagation.controlnet", self.controlnet, ControlNetPropagationHook(state)))
+        return specs
+
+    def _decoder_specs(self) -> list[HookSpec]:
+        """`reuse_decoder`: a hook on every decoder layer's modules, each upsampler and each up block, tagged with
+        the shallowest skip feature the part reads (an upsampler or a block follows its block's last layer)."""
+        if not self.decoder:
+            return []
+        role, state, specs = "encoder_propagation.encoder", self.state, []
+        shallowest: dict[str, int] = {}
+        for name, modules, skip in self.decoder:
+            block = ".".join(name.split(".")[:2])
+            shallowest[block] = min(skip, shallowest.get(block, skip))
+            specs += [HookSpec(role, m, DecoderPartHook(state, f"{name}.{k}", skip)) for k, m in enumerate(modules)]
+        for i, block in enumerate(self.unet.up_blocks):
+            skip = shallowest[f"up_blocks.{i}"]
+            specs.append(HookSpec(role, block, DecoderPartHook(state, f"up_blocks.{i}", skip)))
+            for k, upsampler in enumerate(getattr(block, "upsamplers", None) or []):
+                specs.append(HookSpec(role, upsampler, DecoderPartHook(state, f"up_blocks.{i}.upsamplers.{k}", skip)))
         return specs
 
     def on_new_call(self) -> None:
