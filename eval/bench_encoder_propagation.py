@@ -872,9 +872,12 @@ def _markdown(results: dict) -> str:
         "# Encoder propagation (Faster Diffusion) benchmark",
         "",
         f"torch {env['torch']}, diffusers {env['diffusers']}, {env['cpu']}, {env['threads']} threads; "
-        f"measured {results['date']}.",
+        f"last run {results['date']}.",
         "",
     ]
+    if results.get("measured"):
+        lines += ["Parts measured: " + ", ".join(f"{part} {when}" for part, when in results["measured"].items())
+                  + ".", ""]
     if results.get("flops"):
         lines += [
             "## UNet FLOPs (FlopCounterMode, meta tensors, classic attention, batch 1)",
@@ -961,6 +964,7 @@ def main() -> None:
         if name in parts:
             print(f"{name}:", flush=True)
             step()
+            results.setdefault("measured", {})[name] = time.strftime("%Y-%m-%d %H:%M")
             save()
     print(_markdown(results))
 

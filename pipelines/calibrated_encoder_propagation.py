@@ -52,7 +52,8 @@ def main() -> None:
     full, full_flops = sample(pipe, None, args.steps, args.n)
     fast, fast_flops = sample(pipe, config, args.steps, args.n)
     psnr = float((10 * torch.log10(1 / ((fast - full) ** 2).flatten(1).mean(1).clamp_min(1e-12))).mean())
-    print(f"key steps {config.key_steps}, recompute_shallow={config.recompute_shallow}: UNet FLOPs "
+    print(f"key steps {config.key_steps}, recompute_shallow={config.recompute_shallow}, "
+          f"reuse_decoder={config.reuse_decoder}: UNet FLOPs "
           f"{fast_flops / full_flops:.3f} of full, PSNR to the full-UNet images {psnr:.2f} dB")
 
 

@@ -321,10 +321,17 @@ def test_calibrate_command_writes_a_config(tmp_path):
 
     out = tmp_path / "ep.json"
     code = cli.main(["calibrate", "--steps", "6", "--budget", "0.95", "--num-images", "1", "--guidance", "1.0",
-                     "--recompute-shallow", "0", "--out", str(out)])
+                     "--recompute-shallow", "0", "--reuse-decoder", "no", "--out", str(out)])
     assert code == 0
     config = EncoderPropagationConfig.from_json(out)
     assert config.key_steps[0] == 0
     record = json.loads(out.read_text())
     assert record["calibration"]["flops_fraction"] <= 0.95
-    assert cli.main(["calibrate", "--steps", "6", "--budget", "0.1", "--out", str(tmp_path / "x.json")]) == 2
+    assert not config.reuse_decoder
+    code = cli.main(["calibrate", "--steps", "6", "--budget", "0.5", "--num-images", "1", "--guidance", "1.0",
+                     "--reuse-decoder", "yes", "--out", str(out)])
+    assert code == 0 and EncoderPropagationConfig.from_json(out).reuse_decoder
+    assert cli.main(["calibrate", "--steps", "6", "--budget", "0.5", "--reuse-decoder", "no",
+                     "--out", str(tmp_path / "x.json")]) == 2  # encoder reuse alone cannot reach 0.5
+    assert cli.main(["calibrate", "--steps", "6", "--budget", "0.01", "--out", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
