@@ -303,28 +303,34 @@ def _row_flops(pipe, sampler: str, row: Row) -> float:
     return _call_flops(pipe, row.spec, row.context) / _FULL_FLOPS[sampler]
 
 
-def _calibration(pipe, sampler: str, results: dict) -> dict:
-    """The sampler's calibration record (measured once with `calibrate`, kept in results.json for resuming)."""
-    from fastdiff.hooks.calibrate import calibrate
+def _calibration(pipe, sampler: str, results: dict, budget: float,
+                 variant: tuple[int, bool] | None = None) -> dict:
+    """One `calibrate` call for a budget (and optionally a fixed variant), as a user would run it; kept in
+    results.json for resuming. A budget no plan meets gives a record with the refusal."""
+    from fastdiff.hooks.calibrate import calibrate, variant_name
 
-    record = results.setdefault("calibration", {}).get(sampler)
-    if record is None:
+    label = f"{budget!r}" + (f" {variant_name(variant)}" if variant is not None else "")
+    records = results.setdefault("calibration", {}).setdefault(sampler, {})
+    if label not in records:
         from fastdiff.eval.methods import scheduler_class
 
         s = SAMPLERS[sampler]
         original = pipe.scheduler
         # not harness: calibration runs under the sampler's scheduler (a measurement, not scored images)
         pipe.scheduler = scheduler_class(s["scheduler"]).from_config(original.config, **s.get("scheduler_kwargs", {}))
+        fixed = {} if variant is None else {"recompute_shallow": variant[0], "reuse_decoder": variant[1]}
         try:
-            result = calibrate(pipe, s["steps"], max(BUDGETS), 4, seed=CALIBRATION_SEED, class_labels=[0, 3, 6, 9],
-                               guidance_scale=GUIDANCE)
+            result = calibrate(pipe, s["steps"], budget, 4, seed=CALIBRATION_SEED, class_labels=[0, 3, 6, 9],
+                               guidance_scale=GUIDANCE, **fixed)
+            record = {**result.metadata(), "config": dataclasses.asdict(result.config)}
+            print(f"  calibration {sampler} {label}: {record['seconds']:.1f} s", flush=True)
+        except ValueError as err:
+            record = {"refused": str(err)}
         finally:
             # not harness: the calibration's scheduler swap is undone here
             pipe.scheduler = original
-        record = result.metadata()
-        results["calibration"][sampler] = record
-        print(f"  calibration {sampler}: {record['seconds']:.1f} s", flush=True)
-    return record
+        records[label] = record
+    return records[label]
 
 
 def _variants(table: dict) -> dict:
@@ -332,31 +338,19 @@ def _variants(table: dict) -> dict:
     return {(int(k.split("+")[0]), k.endswith("+decoder")): v for k, v in table.items()}
 
 
-def _plan(record: dict, budget: float, variant: tuple[int, bool] | None = None):
-    """`choose_plan` (variant None) or `plan_key_steps` (a fixed variant) on a stored calibration record."""
-    from fastdiff.hooks.calibrate import choose_plan, plan_key_steps
-
-    drift, non_key = _variants(record["drift"]), _variants(record["non_key_flops"])
-    if variant is None:
-        return choose_plan(drift, record["key_flops"], non_key, budget, record["weights"])
-    return variant, plan_key_steps(drift[variant], record["key_flops"], non_key[variant], budget, record["weights"])
-
-
-def _calibrated_row(sampler: str, record: dict, budget: float, label: str,
+def _calibrated_row(pipe, sampler: str, results: dict, budget: float, label: str,
                     variant: tuple[int, bool] | None = None) -> Row:
     """A calibrated plan as a harness row; a budget no plan meets becomes a row that records the refusal."""
     name = f"{sampler} | calibrated {label}"
     if variant is not None:
         name += f", recompute_shallow={variant[0]}" + (", reuse_decoder" if variant[1] else ", encoder reuse")
-    try:
-        (depth, decoder), plan = _plan(record, budget, variant)
-    except ValueError as err:
-        return Row(name, None, info={"budget": budget, "refused": str(err)})
-    if plan is None:
-        return Row(name, None, info={"budget": budget, "refused": f"no plan of this variant within {budget}"})
-    options = {"key_steps": plan.key_steps, "recompute_shallow": depth, "reuse_decoder": decoder}
-    info = {"budget": budget, "key_steps": plan.key_steps, "recompute_shallow": depth, "reuse_decoder": decoder,
-            "predicted_error": plan.predicted_error}
+    record = _calibration(pipe, sampler, results, budget, variant)
+    if "refused" in record:
+        return Row(name, None, info={"budget": budget, "refused": record["refused"]})
+    config = record["config"]
+    options = {k: config[k] for k in ("key_steps", "recompute_shallow", "reuse_decoder")}
+    info = {"budget": budget, **options, "predicted_error": record["predicted_error"],
+            "measured_error": record["measured_error"], "calibration_seconds": record["seconds"]}
     return Row(name, _spec(sampler, name, encoder_propagation=options), info=info)
 
 
@@ -384,14 +378,13 @@ def _quality_rows(pipe, sampler: str, results: dict) -> list[Row]:
     rows = [Row(f"{sampler} | full UNet", _spec(sampler, f"{sampler} | full UNet")),
             Row(f"{sampler} | {preset}", _spec(sampler, f"{sampler} | {preset}",
                                                 encoder_propagation={"key_steps": preset}))]
-    record = _calibration(pipe, sampler, results)
     deepcache = _deepcache_rows(pipe, sampler, results)
-    rows += [_calibrated_row(sampler, record, b, f"{b:.2f}") for b in BUDGETS]
+    rows += [_calibrated_row(pipe, sampler, results, b, f"{b:.2f}") for b in BUDGETS]
     flops = results["deepcache_flops"].get(sampler, {})
     for row in deepcache:  # the same FLOPs as each DeepCache row: the matched comparison
-        rows.append(_calibrated_row(sampler, record, flops[row.name], f"@ {row.name.split(' | ')[1]}"))
+        rows.append(_calibrated_row(pipe, sampler, results, flops[row.name], f"@ {row.name.split(' | ')[1]}"))
     # Faster Diffusion's encoder reuse with shallow recompute (no decoder reuse)
-    rows += [_calibrated_row(sampler, record, b, f"{b:.2f}", (2, False)) for b in BUDGETS[1:]]
+    rows += [_calibrated_row(pipe, sampler, results, b, f"{b:.2f}", (2, False)) for b in BUDGETS[1:]]
     rows += deepcache + _diffusers_cache_rows(pipe, sampler, results)
     return _same_plans_once(rows)
 
@@ -616,32 +609,37 @@ def _diffusers_cache_rows(pipe, sampler: str, results: dict) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------- 7. calibration, SD-shaped UNet
-def sd_calibration(budgets=(0.75, 0.9)) -> dict:
-    """`calibrate` on the SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5): drift, FLOPs, plans."""
+def sd_calibration(budgets=(0.6, 0.75, 0.9)) -> dict:
+    """`calibrate` on the SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5), once per budget: drift,
+    FLOPs, the chosen plan and the candidates it ran."""
     from diffusers import DDIMScheduler
 
-    from fastdiff.hooks.calibrate import calibrate, choose_plan
+    from fastdiff.hooks.calibrate import calibrate
 
     pipe = _mid_pipeline()
     pipe.set_progress_bar_config(disable=True)
     # not harness: calibration of the SD-shaped random-weight UNet (drift and FLOPs only)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    # not harness: calibration of the SD-shaped random-weight UNet (drift and FLOPs only)
     embeds = torch.randn(2, 77, 256, generator=torch.Generator().manual_seed(0))
-    result = calibrate(pipe, STEPS, max(budgets), 2, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(
-        embeds), height=64, width=64, guidance_scale=7.5)
-    record = result.metadata()
-    drift, non_key = _variants(record["drift"]), _variants(record["non_key_flops"])
-    plans = {}
+    record: dict = {"budget_plans": {}}
     for budget in budgets:
         try:
-            (depth, decoder), plan = choose_plan(drift, result.key_flops, non_key, budget, result.weights)
-            plans[str(budget)] = {"recompute_shallow": depth, "reuse_decoder": decoder, "key_steps": plan.key_steps,
-                                  "flops_fraction": plan.flops_fraction, "predicted_error": plan.predicted_error}
+            result = calibrate(pipe, STEPS, budget, 2, prompt_embeds=embeds,
+                               negative_prompt_embeds=torch.zeros_like(embeds), height=64, width=64,
+                               guidance_scale=7.5)
         except ValueError as err:
-            plans[str(budget)] = {"refused": str(err)}
-    print(f"  SD-shaped UNet: calibration {result.seconds:.1f} s, plans {plans}", flush=True)
-    return {**record, "budget_plans": plans}
+            record["budget_plans"][str(budget)] = {"refused": str(err)}
+            continue
+        meta = result.metadata()
+        record.update({k: meta[k] for k in ("key_flops", "non_key_flops")})
+        c = result.config
+        record["budget_plans"][str(budget)] = {
+            "recompute_shallow": c.recompute_shallow, "reuse_decoder": c.reuse_decoder, "key_steps": c.key_steps,
+            "flops_fraction": result.flops_fraction, "predicted_error": result.predicted_error,
+            "measured_error": result.measured_error, "seconds": result.seconds, "candidates": len(result.candidates)}
+        print(f"  SD-shaped UNet, budget {budget}: {result.seconds:.1f} s, {record['budget_plans'][str(budget)]}",
+              flush=True)
+    return record
 
 
 # --------------------------------------------------------------------------------------------- 5. latency
@@ -821,24 +819,39 @@ def _md_pairs(rows: list[dict]) -> list[str]:
 
 def _md_calibration(results: dict) -> list[str]:
     lines = []
-    for sampler, record in (results.get("calibration") or {}).items():
+    for sampler, records in (results.get("calibration") or {}).items():
         if not lines:
             lines += ["## Calibration (`fastdiff.hooks.calibrate`), reference model", "",
-                      "| sampler | seconds | key step GFLOPs | non-key GFLOPs by variant (recompute depth, "
-                      "+decoder: reuse_decoder) |",
-                      "|---|---|---|---|"]
-        depths = ", ".join(f"{d}: {f / 1e9:.3f}" for d, f in record["non_key_flops"].items())
-        lines.append(f"| {sampler} | {record['seconds']:.1f} | {record['key_flops'] / 1e9:.3f} | {depths} |")
+                      "One `calibrate` call per budget (4 images, seeds "
+                      f"{CALIBRATION_SEED}-{CALIBRATION_SEED + 3}): drift of every variant, FLOPs, a plan per "
+                      "variant, then the 8 plans with least predicted error (planned and uniform 1:I key steps) run "
+                      "on the same images; the one with least final-latent RMS error to the full UNet is chosen.", "",
+                      "| sampler | budget | seconds | chosen | FLOPs | predicted error | measured error |",
+                      "|---|---|---|---|---|---|---|"]
+        for label, r in records.items():
+            if "refused" in r:
+                lines.append(f"| {sampler} | {label} | - | refused: {r['refused']} | | | |")
+                continue
+            c = r["config"]
+            chosen = (f"depth {c['recompute_shallow']}{' + decoder' if c['reuse_decoder'] else ''}, "
+                      f"{len(c['key_steps'])} key steps")
+            lines.append(f"| {sampler} | {label} | {r['seconds']:.1f} | {chosen} | {r['flops_fraction']:.3f} | "
+                         f"{r['predicted_error']:.4f} | {r['measured_error']:.4f} |")
+        some = next((r for r in records.values() if "non_key_flops" in r), None)
+        if some:
+            lines.append(f"| {sampler} | non-key GFLOPs by variant (key step {some['key_flops'] / 1e9:.3f}) | | "
+                         + ", ".join(f"{d}: {f / 1e9:.3f}" for d, f in some["non_key_flops"].items()) + " | | | |")
     sd = results.get("sd_calibration")
-    if sd:
-        lines += ["", f"SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5, 2 images): calibration "
-                      f"{sd['seconds']:.1f} s; key step {sd['key_flops'] / 1e9:.2f} GFLOPs; non-key by variant "
+    if sd and sd.get("key_flops"):
+        lines += ["", "SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5, 2 images): key step "
+                      f"{sd['key_flops'] / 1e9:.2f} GFLOPs; non-key by variant "
                       + ", ".join(f"{d}: {f / sd['key_flops']:.3f}" for d, f in sd["non_key_flops"].items())
                       + " of a key step.", ""]
         for budget, plan in sd["budget_plans"].items():
-            text = plan.get("refused") or (f"recompute_shallow={plan['recompute_shallow']}, reuse_decoder="
-                                           f"{plan.get('reuse_decoder', False)}, key steps "
-                                           f"{plan['key_steps']}, FLOPs {plan['flops_fraction']:.3f}")
+            text = plan.get("refused") or (
+                f"recompute_shallow={plan['recompute_shallow']}, reuse_decoder={plan.get('reuse_decoder', False)}, "
+                f"{len(plan['key_steps'])} key steps {plan['key_steps']}, FLOPs {plan['flops_fraction']:.3f}, "
+                f"calibration {plan.get('seconds', float('nan')):.1f} s")
             lines.append(f"- budget {budget}: {text}")
     return lines + ([""] if lines else [])
 

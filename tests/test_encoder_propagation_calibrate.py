@@ -19,10 +19,13 @@ from fastdiff.hooks import EncoderPropagationConfig, calibrate_key_steps, encode
 from fastdiff.hooks.calibrate import (
     calibrate,
     calibration_variants,
+    candidate_plans,
     choose_plan,
     max_key_steps,
     plan_key_steps,
+    predicted_error,
     step_error_weights,
+    uniform_plan,
 )
 
 STEPS = 6
@@ -199,6 +202,42 @@ def test_plan_equals_brute_force():
         assert plan.flops_fraction <= budget
 
 
+def test_predicted_error_of_a_key_set_is_the_planner_objective():
+    rng = random.Random(1)
+    for _ in range(20):
+        n = rng.randint(2, 8)
+        drift = [0.0] + [rng.random() for _ in range(n - 1)]
+        weights = [rng.random() for _ in range(n)]
+        plan = plan_key_steps(drift, 100, 60, rng.uniform(0.8, 0.95), weights)  # 0.8: step 0 and one more fit
+        assert predicted_error(plan.key_steps, drift, weights) == pytest.approx(plan.predicted_error, abs=1e-9)
+        keys = sorted({0, *rng.sample(range(1, n), rng.randint(0, n - 1))})  # any key set, by the definition
+        direct = sum(weights[j] * sum(drift[max(k for k in keys if k <= j) + 1 : j + 1]) for j in range(n))
+        assert predicted_error(keys, drift, weights) == pytest.approx(direct, abs=1e-9)
+
+
+def test_uniform_plan_is_deepcache_schedule_with_the_smallest_interval_that_fits():
+    drift = [0.0] + [0.1] * 9
+    # 10 steps, key 10, non-key 2: m key steps cost (10m + 2(10 - m)) / 100; budget 0.6 allows m <= 5
+    plan = uniform_plan(drift, 10, 2, 0.6)
+    assert plan.key_steps == [0, 2, 4, 6, 8] and plan.flops_fraction == pytest.approx(0.6)
+    assert uniform_plan(drift, 10, 2, 0.59).key_steps == [0, 3, 6, 9]  # 5 no longer fits: interval 3
+    assert uniform_plan(drift, 10, 2, 1.0).key_steps == list(range(10))
+    assert uniform_plan(drift, 10, 2, 0.1) is None
+    assert plan.predicted_error == pytest.approx(predicted_error(plan.key_steps, drift))
+
+
+def test_candidate_plans_rank_planned_and_uniform_schedules():
+    drifts = {(0, False): [0, 1, 1, 1, 1, 1], (1, True): [0, 0.1, 0.5, 0.1, 0.5, 0.1]}
+    costs = {(0, False): 7, (1, True): 2}
+    found = candidate_plans(drifts, 10, costs, 0.7, None, limit=10)
+    errors = [plan.predicted_error for _, plan in found]
+    assert errors == sorted(errors)
+    assert ((1, True), [0, 2, 4]) in [(v, p.key_steps) for v, p in found]  # the uniform 1:2 schedule
+    assert len({(v, tuple(p.key_steps)) for v, p in found}) == len(found)  # no plan twice
+    assert all(p.flops_fraction <= 0.7 for _, p in found)
+    assert found[:1] == candidate_plans(drifts, 10, costs, 0.7, None, limit=1)
+
+
 def test_max_key_steps_is_exact_at_the_boundary():
     # 10 steps, key 10, non-key 7: n key steps cost 70 + 3n, budget 0.82 * 100 = 82 -> n = 4
     assert max_key_steps(10, 10, 7, 0.82) == 4
@@ -259,6 +298,29 @@ def test_calibration_chooses_a_depth_within_the_budget(reference):
     chosen = calibrate(reference, STEPS, 0.9, num_images=2, class_labels=[3, 7], guidance_scale=1.0)
     assert set(chosen.drift) == set(calibration_variants(len(encoder_layers(reference.unet))))
     _assert_within_budget(reference, chosen, 0.9)
+
+
+def test_calibration_returns_the_candidate_closest_to_the_full_unet(reference):
+    """The measured errors are those of the plain pipeline against the hooked one, and the least one is chosen."""
+    kwargs = dict(class_labels=[3, 7], guidance_scale=1.0)
+    result = calibrate(reference, STEPS, 0.6, num_images=2, verify=4, **kwargs)
+    assert 1 <= len(result.candidates) <= 4
+    assert result.measured_error == min(c["measured_error"] for c in result.candidates)
+    generator = [torch.Generator().manual_seed(i) for i in range(2)]
+    plain = reference(**kwargs, num_inference_steps=STEPS, generator=generator, output_type="latent").images
+    with fastdiff.apply(reference, result.config):
+        generator = [torch.Generator().manual_seed(i) for i in range(2)]
+        hooked = reference(**kwargs, num_inference_steps=STEPS, generator=generator, output_type="latent").images
+    rms = float((hooked - plain).flatten(1).square().mean(1).sqrt().mean())
+    assert rms == pytest.approx(result.measured_error, rel=1e-5)
+    unchecked = calibrate(reference, STEPS, 0.6, num_images=2, verify=0, **kwargs)
+    assert unchecked.candidates == [] and unchecked.measured_error is None
+    drift, non_key = unchecked.drift, unchecked.non_key_flops
+    variant, plan = choose_plan(drift, unchecked.key_flops, non_key, 0.6, unchecked.weights)
+    assert (unchecked.config.recompute_shallow, unchecked.config.reuse_decoder) == variant
+    assert unchecked.config.key_steps == plan.key_steps
+    with pytest.raises(ValueError, match="verify"):
+        calibrate(reference, STEPS, 0.6, verify=-1)
 
 
 def test_calibration_is_seeded_and_deterministic(reference):

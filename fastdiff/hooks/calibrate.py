@@ -15,7 +15,10 @@ pipeline:
   (`weighting="uniform"`) or the first-order effect of an output error at step j on the final sample
   (`weighting="sigma"`, `step_error_weights`); a dynamic programme picks the key steps with the least total
   predicted error among the plans whose FLOPs fit the budget, and `choose_plan` picks the variant whose best
-  plan predicts the least error.
+  plan predicts the least error;
+- **check** (`verify`): the prediction only ranks plans. The best-predicted candidates (per variant the planned
+  key steps and DeepCache's uniform 1:I schedule, `uniform_plan`) are run on the calibration images, and the
+  one whose final latents are closest to the full UNet's is returned.
 
 On the reference digit model (DDIM-50, N = 50) uniform weights gave plans 1-2 dB closer to the full-UNet
 images at 0.90-0.93 of the FLOPs and sigma weights 0.3-0.7 dB closer at 0.78-0.80: the sigma weights ignore
@@ -152,6 +155,27 @@ def plan_key_steps(drift: Sequence[float], key_cost: float, non_key_cost: float,
     return KeyStepPlan(keys, float(best[n]), flops)
 
 
+def predicted_error(key_steps: Sequence[int], drift: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """Faster Diffusion reuse error of a key-step set under the drift model of `plan_key_steps` (pure)."""
+    n = len(drift)
+    seg = _segment_errors(drift, [1.0] * n if weights is None else weights)
+    ends = [*key_steps[1:], n]
+    return float(sum(seg(s, e) for s, e in zip(key_steps, ends)))
+
+
+def uniform_plan(drift: Sequence[float], key_cost: float, non_key_cost: float, flops_budget: float,
+                 weights: Sequence[float] | None = None) -> KeyStepPlan | None:
+    """DeepCache's uniform 1:I schedule: key steps 0, I, 2I, ... with the smallest interval I that fits (pure)."""
+    n = len(drift)
+    most = max_key_steps(n, key_cost, non_key_cost, flops_budget)
+    if most == 0:
+        return None
+    interval = next(i for i in range(1, n + 1) if math.ceil(n / i) <= most)
+    keys = list(range(0, n, interval))
+    flops = (len(keys) * key_cost + (n - len(keys)) * non_key_cost) / (n * key_cost)
+    return KeyStepPlan(keys, predicted_error(keys, drift, weights), flops)
+
+
 def choose_plan(drifts: Mapping[Any, Sequence[float]], key_cost: float, non_key_costs: Mapping[Any, float],
                 flops_budget: float, weights: Sequence[float] | None = None) -> tuple[Any, KeyStepPlan]:
     """Faster Diffusion with shallow recompute / DeepCache's deep branch: the non-key variant (any sortable key of
@@ -194,6 +218,8 @@ class Calibration:
     non_key_flops: dict[Variant, int]  # (depth, reuse_decoder) -> FLOPs of a non-key step
     seconds: float
     plans: dict[Variant, dict[str, Any]] = field(default_factory=dict)  # variant -> its best plan
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # the plans run on the calibration images
+    measured_error: float | None = None  # the chosen plan's final-latent RMS error on the calibration images
 
     def metadata(self) -> dict[str, Any]:
         """JSON-ready record of the measurement, for `EncoderPropagationConfig.to_json(path, calibration=...)`."""
@@ -203,6 +229,7 @@ class Calibration:
             "non_key_flops": {variant_name(v): f for v, f in self.non_key_flops.items()}, "seconds": self.seconds,
             "weights": self.weights, "drift": {variant_name(v): d for v, d in self.drift.items()},
             "plans": {variant_name(v): p for v, p in self.plans.items()},
+            "candidates": self.candidates, "measured_error": self.measured_error,
         }
 
 
@@ -268,26 +295,39 @@ def _count_flops(unet: torch.nn.Module, call: tuple[tuple, dict],
     return key, non_key
 
 
+def _generators(seed: int, num_images: int) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+
+
 def _measure(pipe, num_steps: int, variants: list[Variant], num_images: int, seed: int,
-             call_kwargs: dict) -> tuple[dict[Variant, list[float]], tuple[tuple, dict]]:
-    """The seeded full-UNet call with drift probes of every variant; returns the drifts and the first UNet inputs."""
+             call_kwargs: dict) -> tuple[dict[Variant, list[float]], tuple[tuple, dict], torch.Tensor]:
+    """The seeded full-UNet call with drift probes of every variant; returns the drifts, the first UNet inputs and
+    the final latents."""
     unet = pipe.unet
     meter = _DriftMeter(variants, num_steps)
     inputs = _FirstInputs()
     full = len(encoder_layers(unet))
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
     every_step = EncoderPropagationConfig(key_steps=1, recompute_shallow=full, reuse_decoder=True)
     with apply(pipe, every_step) as handle:
         handle["encoder_propagation"].set_probe(variants, meter)
         HookRegistry.check_if_exists_or_initialize(unet).register_hook(inputs, _INPUTS_HOOK)
         try:
             with torch.no_grad():
-                pipe(num_inference_steps=num_steps, generator=generators, **call_kwargs)
+                latents = pipe(num_inference_steps=num_steps, generator=_generators(seed, num_images),
+                               **call_kwargs).images
         finally:
             unet._diffusers_hook.remove_hook(_INPUTS_HOOK, recurse=False)
     if inputs.call is None:
         raise ValueError("the pipeline never called its UNet: check call_kwargs.")
-    return meter.drift, inputs.call
+    return meter.drift, inputs.call, latents
+
+
+def _final_error(pipe, config: EncoderPropagationConfig, num_steps: int, num_images: int, seed: int,
+                 call_kwargs: dict, full: torch.Tensor) -> float:
+    """Mean over the calibration images of RMS(final latents with `config` - the full UNet's final latents)."""
+    with torch.no_grad(), apply(pipe, config):
+        latents = pipe(num_inference_steps=num_steps, generator=_generators(seed, num_images), **call_kwargs).images
+    return float((latents.float() - full.float()).flatten(1).square().mean(1).sqrt().mean())
 
 
 def calibration_variants(layers: int, recompute_shallow: int | None = None,
@@ -303,15 +343,33 @@ def calibration_variants(layers: int, recompute_shallow: int | None = None,
             if (recompute_shallow is None or d == recompute_shallow) and (reuse_decoder is None or r == reuse_decoder)]
 
 
+def candidate_plans(drift: Mapping[Variant, Sequence[float]], key_cost: float,
+                    non_key_costs: Mapping[Variant, float], flops_budget: float, weights: Sequence[float] | None,
+                    limit: int) -> list[tuple[Variant, KeyStepPlan]]:
+    """Faster Diffusion / DeepCache plans worth running: per variant its planned key steps and its uniform 1:I
+    schedule, without repeats, the `limit` with least predicted error first (ties: fewer FLOPs); pure."""
+    found: dict[tuple[Variant, tuple[int, ...]], KeyStepPlan] = {}
+    for variant in sorted(drift):
+        for make in (plan_key_steps, uniform_plan):
+            plan = make(drift[variant], key_cost, non_key_costs[variant], flops_budget, weights)
+            if plan is not None:
+                found.setdefault((variant, tuple(plan.key_steps)), plan)
+    ranked = sorted(found.items(), key=lambda item: (item[1].predicted_error, item[1].flops_fraction, item[0]))
+    return [(variant, plan) for (variant, _), plan in ranked[:limit]]
+
+
 def calibrate(pipe, num_inference_steps: int, flops_budget: float, num_images: int = 4, *,
               recompute_shallow: int | None = None, reuse_decoder: bool | None = None, seed: int = 0,
-              weighting: Literal["uniform", "sigma"] = "uniform", **call_kwargs: Any) -> Calibration:
+              weighting: Literal["uniform", "sigma"] = "uniform", verify: int = 8, **call_kwargs: Any) -> Calibration:
     """Faster Diffusion key steps (and non-key variant) measured for `pipe`'s UNet; see `calibrate_key_steps`.
 
-    Returns the whole measurement (`Calibration`): the chosen config, the drift table, the FLOPs, the plans.
+    Returns the whole measurement (`Calibration`): the chosen config, the drift table, the FLOPs, the plans and
+    the candidates run on the calibration images.
     """
     start = time.perf_counter()
     _check(pipe, num_inference_steps, flops_budget, num_images, call_kwargs)
+    if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
+        raise ValueError(f"verify={verify!r} must be an int >= 0 (plans run on the calibration images; 0 = none).")
     if weighting not in ("uniform", "sigma"):
         raise ValueError(f"weighting={weighting!r}: use 'uniform' or 'sigma'.")
     if reuse_decoder is not None and not isinstance(reuse_decoder, bool):
@@ -326,12 +384,21 @@ def calibrate(pipe, num_inference_steps: int, flops_budget: float, num_images: i
         raise ValueError(f"reuse_decoder=True needs recompute_shallow <= {layers - 2} on this UNet (deeper, no "
                          "decoder layer is replayed): use a shallower depth or reuse_decoder=None.")
     probed = [v for v in variants if v[0] < layers]  # at the full depth a non-key step is the full UNet: no drift
-    drift, call = _measure(pipe, num_inference_steps, probed, num_images, seed,
-                           {"output_type": "latent", **call_kwargs})
+    call_kwargs = {"output_type": "latent", **call_kwargs}
+    drift, call, full = _measure(pipe, num_inference_steps, probed, num_images, seed, call_kwargs)
     drift.update({v: [0.0] * num_inference_steps for v in variants if v[0] == layers})
     key, non_key = _count_flops(pipe.unet, call, variants)
     weights = _weights(pipe.scheduler, num_inference_steps, weighting)
     (depth, decoder), plan = choose_plan(drift, key, non_key, flops_budget, weights)
+    candidates, measured = [], None
+    for (d, r), p in candidate_plans(drift, key, non_key, flops_budget, weights, verify):
+        config = EncoderPropagationConfig(key_steps=p.key_steps, recompute_shallow=d, reuse_decoder=r)
+        error = _final_error(pipe, config, num_inference_steps, num_images, seed, call_kwargs, full)
+        candidates.append({"variant": variant_name((d, r)), "key_steps": p.key_steps,
+                           "flops_fraction": p.flops_fraction, "predicted_error": p.predicted_error,
+                           "measured_error": error})
+        if measured is None or error < measured:
+            (depth, decoder), plan, measured = (d, r), p, error
     plans = {}
     for v in variants:
         p = plan_key_steps(drift[v], key, non_key[v], flops_budget, weights)
@@ -340,7 +407,7 @@ def calibrate(pipe, num_inference_steps: int, flops_budget: float, num_images: i
                         "flops_fraction": p.flops_fraction}
     config = EncoderPropagationConfig(key_steps=plan.key_steps, recompute_shallow=depth, reuse_decoder=decoder)
     return Calibration(config, plan.predicted_error, plan.flops_fraction, num_inference_steps, drift, weights, key,
-                       non_key, time.perf_counter() - start, plans)
+                       non_key, time.perf_counter() - start, plans, candidates, measured)
 
 
 def _check(pipe, num_steps: int, flops_budget: float, num_images: int, call_kwargs: dict) -> None:
@@ -364,15 +431,17 @@ def _check(pipe, num_steps: int, flops_budget: float, num_images: int, call_kwar
 
 def calibrate_key_steps(pipe, num_inference_steps: int, flops_budget: float, num_images: int = 4, *,
                         recompute_shallow: int | None = None, reuse_decoder: bool | None = None, seed: int = 0,
-                        weighting: Literal["uniform", "sigma"] = "uniform",
+                        weighting: Literal["uniform", "sigma"] = "uniform", verify: int = 8,
                         **call_kwargs: Any) -> EncoderPropagationConfig:
     """Faster Diffusion (arXiv 2312.09608) key steps measured for this pipeline's UNet within a FLOPs budget.
 
     Runs one seeded full-UNet call of `num_images` images (image i: seed `seed + i`), measures how far the UNet
     output moves when features are one step old (each `recompute_shallow` depth, with and without the deep decoder
     replayed as well: `reuse_decoder`), counts FLOPs with
-    FlopCounterMode at the call's inputs, and returns the plan with the least predicted error whose UNet FLOPs
-    over a `num_inference_steps` call are at most `flops_budget` times the full UNet's. Step 0 is always a key step.
+    FlopCounterMode at the call's inputs, and plans key steps for each variant whose UNet FLOPs over a
+    `num_inference_steps` call are at most `flops_budget` times the full UNet's. The `verify` plans with least
+    predicted error (planned key steps and DeepCache's uniform 1:I schedules) then run on the same images, and
+    the one whose final latents are closest to the full UNet's is returned. Step 0 is always a key step.
 
     Args:
         pipe: a diffusers pipeline with `.unet` (a `UNet2DConditionModel`) and the scheduler it will sample with.
@@ -384,6 +453,7 @@ def calibrate_key_steps(pipe, num_inference_steps: int, flops_budget: float, num
             None to compare both and take the better plan.
         seed: the first image's seed.
         weighting: how an error counts per step: `"uniform"`, or `"sigma"` (its first-order effect on the sample).
+        verify: how many candidate plans to run on the calibration images (0: trust the prediction alone).
         **call_kwargs: passed to the pipeline (class_labels, prompt, guidance_scale, height, ...), one entry per image.
 
     Raises:
@@ -397,4 +467,4 @@ def calibrate_key_steps(pipe, num_inference_steps: int, flops_budget: float, num
         ...     images = pipe(class_labels=[3], guidance_scale=1.0, num_inference_steps=50).images
     """
     return calibrate(pipe, num_inference_steps, flops_budget, num_images, recompute_shallow=recompute_shallow,
-                     reuse_decoder=reuse_decoder, seed=seed, weighting=weighting, **call_kwargs).config
+                     reuse_decoder=reuse_decoder, seed=seed, weighting=weighting, verify=verify, **call_kwargs).config
