@@ -786,8 +786,8 @@ def _md_pairs(rows: list[dict]) -> list[str]:
         return []
     lines = ["### At matched UNet FLOPs: fastdiff's best plan against DeepCache",
              "",
-             "Per budget: the DeepCache row with the nearest FLOPs, and the calibrated row (with or without shallow "
-             "recompute) closest to the full-UNet images among those within DeepCache's FLOPs + 0.02. Goal: PSNR >= "
+             "Per budget: the DeepCache row with the nearest FLOPs, and the calibrated row (any variant) closest "
+             "to the full-UNet images among those within DeepCache's FLOPs + 0.02. Goal: PSNR >= "
              "DeepCache's - 0.02 dB and FD change <= +5%.",
              "",
              "| sampler | budget | DeepCache | FLOPs | PSNR | FD change | fastdiff | FLOPs | PSNR | FD change | goal |",
@@ -829,6 +829,8 @@ def _md_calibration(results: dict) -> list[str]:
                       "| sampler | budget | seconds | chosen | FLOPs | predicted error | measured error |",
                       "|---|---|---|---|---|---|---|"]
         for label, r in records.items():
+            budget, *fixed = label.split()
+            label = " ".join([f"{float(budget):.4g}", *fixed])
             if "refused" in r:
                 lines.append(f"| {sampler} | {label} | - | refused: {r['refused']} | | | |")
                 continue
