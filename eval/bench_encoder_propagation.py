@@ -620,6 +620,7 @@ def sd_calibration(budgets=(0.6, 0.75, 0.9)) -> dict:
     pipe.set_progress_bar_config(disable=True)
     # not harness: calibration of the SD-shaped random-weight UNet (drift and FLOPs only)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # not harness: a fixed conditioning input of the random-weight UNet (drift and FLOPs only)
     embeds = torch.randn(2, 77, 256, generator=torch.Generator().manual_seed(0))
     record: dict = {"budget_plans": {}}
     for budget in budgets:
