@@ -849,7 +849,7 @@ def _md_calibration(results: dict) -> list[str]:
         lines += ["", "SD-shaped random-weight UNet of the speed part (DDIM-50, CFG 7.5, 2 images)"
                   + (f": key step {sd['key_flops'] / 1e9:.2f} GFLOPs; non-key by variant "
                      + ", ".join(f"{d}: {f / sd['key_flops']:.3f}" for d, f in sd["non_key_flops"].items())
-                     + " of a key step." if sd.get("key_flops") else f" ({sd.get('note', '')}).")), ""]
+                     + " of a key step." if sd.get("key_flops") else f" ({sd.get('note', '')})."), ""]
         for budget, plan in sd["budget_plans"].items():
             text = plan.get("refused") or (
                 f"recompute_shallow={plan['recompute_shallow']}, reuse_decoder={plan.get('reuse_decoder', False)}, "
