@@ -333,11 +333,6 @@ def _calibration(pipe, sampler: str, results: dict, budget: float,
     return records[label]
 
 
-def _variants(table: dict) -> dict:
-    """A calibration record's per-variant table with its keys ("2", "2+decoder") back as (depth, reuse_decoder)."""
-    return {(int(k.split("+")[0]), k.endswith("+decoder")): v for k, v in table.items()}
-
-
 def _calibrated_row(pipe, sampler: str, results: dict, budget: float, label: str,
                     variant: tuple[int, bool] | None = None) -> Row:
     """A calibrated plan as a harness row; a budget no plan meets becomes a row that records the refusal."""

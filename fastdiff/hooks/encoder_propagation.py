@@ -355,50 +355,58 @@ class _PropagationState:
         return alpha * coefficient(alpha_bar_t, alpha_bar_prev)
 
 
-class EncoderPartHook(ModelHook):
+class _PartHook(ModelHook):
+    """A UNet part whose output is recorded at key steps and returned at non-key steps when `replays()` says so."""
+
+    def __init__(self, state: _PropagationState, slot: str) -> None:
+        super().__init__()
+        self.state = state
+        self.slot = slot
+
+    def replays(self) -> bool:
+        raise NotImplementedError
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state = self.state
+        if state.mode == "serve" and self.replays():
+            return state.cache.features[self.slot]
+        if state.mode == "tile":
+            return _tile(state.cache.features[self.slot], state.repeat)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if state.mode == "record":
+            state.cache.features[self.slot] = output
+        return output
+
+
+class EncoderPartHook(_PartHook):
     """Faster Diffusion encoder part (conv_in, a block, a layer): record at key steps, replay otherwise.
 
     `first_layer` is the index in `encoder_layers` of the part's first layer (conv_in: 0): at a non-key step
     the part is replayed when that layer is not recomputed (index >= the recompute depth), and runs otherwise
-    (a down block that holds recomputed layers runs, and its own layer hooks replay the deeper ones).
+    (a down block that holds recomputed layers runs, and its own layer hooks replay the deeper ones). With
+    `reuse_decoder` conv_in always runs: the shallow decoder reads its output.
     """
 
     def __init__(self, state: _PropagationState, slot: str, first_layer: int = 0) -> None:
-        super().__init__()
-        self.state = state
-        self.slot = slot
+        super().__init__(state, slot)
         self.first_layer = first_layer
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        mode, state = self.state.mode, self.state
-        if mode == "serve" and self.first_layer >= state.depth and not (self.slot == "conv_in" and state.reuse_decoder):
-            return state.cache.features[self.slot]
-        if mode == "tile":
-            return _tile(self.state.cache.features[self.slot], self.state.repeat)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if mode == "record":
-            self.state.cache.features[self.slot] = output
-        return output
+    def replays(self) -> bool:
+        state = self.state
+        return self.first_layer >= state.depth and not (self.slot == "conv_in" and state.reuse_decoder)
 
 
-class DecoderPartHook(ModelHook):
+class DecoderPartHook(_PartHook):
     """DeepCache's deep branch: a decoder part (layer, upsampler, up block) recorded at key steps and replayed at
-    `reuse_decoder` non-key steps when the shallowest skip feature it reads is deeper than the recompute depth."""
+    `reuse_decoder` non-key steps when the shallowest skip feature it reads is deeper than the recompute depth.
+    (Parallel decoding, the "tile" mode, is refused with `reuse_decoder`.)"""
 
     def __init__(self, state: _PropagationState, slot: str, skip: int) -> None:
-        super().__init__()
-        self.state = state
-        self.slot = slot
+        super().__init__(state, slot)
         self.skip = skip
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        mode, state = self.state.mode, self.state
-        if mode == "serve" and state.reuse_decoder and self.skip > state.depth:
-            return state.cache.features[self.slot]
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if mode == "record":
-            state.cache.features[self.slot] = output
-        return output
+    def replays(self) -> bool:
+        return self.state.reuse_decoder and self.skip > self.state.depth
 
 
 class _StateHook(ModelHook):
